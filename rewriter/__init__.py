@@ -1,0 +1,47 @@
+"""rewriter: training-time network-structure methods as declarative torch.fx rewrites.
+
+Three lines::
+
+    import rewriter as rw
+    net = rw.rewrite(model, passes=["masks", "rbn"], example_inputs=(x,))
+    compiled = torch.compile(net, fullgraph=True)
+"""
+
+from .api import rewrite
+from .context import RewriteContext
+from .errors import ArtifactError, OptionError, PassError, RewriterError, TraceError
+from .manager import Checks, PassRecord, Report, report
+from .modules import RewriterModule
+from .patterns import Match, P, Pattern, Rule
+from .registry import Pass, get_pass, make_pass, option, option_specs, register, registered
+from .tracing import opaque_modules, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "Checks",
+    "Match",
+    "OptionError",
+    "P",
+    "Pass",
+    "PassError",
+    "PassRecord",
+    "Pattern",
+    "Report",
+    "RewriteContext",
+    "RewriterError",
+    "RewriterModule",
+    "Rule",
+    "TraceError",
+    "get_pass",
+    "make_pass",
+    "opaque_modules",
+    "option",
+    "option_specs",
+    "register",
+    "registered",
+    "report",
+    "rewrite",
+    "trace",
+]

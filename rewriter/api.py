@@ -1,0 +1,62 @@
+"""The public entry point: ``rewrite(model, passes, example_inputs)``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .manager import REPORT_KEY, Checks, run_passes
+from .registry import Pass, make_pass
+from .tracing import trace
+
+PassSpec = Pass | str | tuple[str, dict[str, Any]]
+
+
+def rewrite(
+    model: nn.Module,
+    passes: Sequence[PassSpec],
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    *,
+    leaves: Iterable[str | type[nn.Module]] = (),
+    checks: Checks | None = None,
+) -> fx.GraphModule:
+    """Trace a copy of ``model`` and apply ``passes`` in order; return the GraphModule.
+
+    ``passes`` items are registry names (``"rbn"``), ``(name, {options})`` pairs or
+    pass objects. ``example_inputs`` enable the shape and numeric checks; without
+    them, models from :mod:`rewriter.zoo` use their default input and other models
+    skip those checks. ``model`` itself is never mutated. The result's history is
+    available from :func:`rewriter.report`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"rewrite() expects an nn.Module, got {type(model).__name__}")
+    if isinstance(passes, (str, Pass)):
+        passes = [passes]
+    resolved = [make_pass(p) for p in passes]
+    inputs = _inputs(model, example_inputs)
+    work = copy.deepcopy(model)
+    if isinstance(work, fx.GraphModule) and REPORT_KEY in work.meta:
+        gm = work  # continue a rewrite: keep the graph and its history
+    else:
+        gm = trace(work, leaves=leaves)
+    return run_passes(gm, resolved, inputs, checks or Checks())
+
+
+def _inputs(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    if example_inputs is None:
+        source = getattr(model, "rewriter_source", None) or getattr(model, "meta", {}).get(
+            "rewriter_source"
+        )
+        if source and str(source.get("model", "")).startswith("zoo:"):
+            from . import zoo
+
+            name = source["model"].removeprefix("zoo:")
+            return zoo.example_inputs(name, **source.get("options", {}))
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)

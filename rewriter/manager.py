@@ -1,0 +1,234 @@
+"""The pass manager: runs passes in order and checks every result in one place.
+
+After each pass: ``graph.lint()``, removal of orphan submodules, recompile,
+shape propagation with the example inputs and a comparison of the output
+shapes with the input model's, and, when the pass declares
+``preserves_outputs``, numeric equivalence (``torch.testing.assert_close``, eval
+mode, fixed seed). Any failure raises one :class:`PassError` that names the
+pass, the node, the rule and the passes already run.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
+
+from .context import RewriteContext, RuleLoopError
+from .errors import PassError, RewriterError
+from .registry import Pass
+from .tracing import opaque_modules
+
+REPORT_KEY = "rewriter_report"
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Which invariants the pass manager verifies after each pass."""
+
+    lint: bool = True
+    shapes: bool = True
+    numerics: bool = True
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    seed: int = 0
+
+
+@dataclass
+class PassRecord:
+    """What one pass did."""
+
+    name: str
+    options: dict[str, Any]
+    matches: dict[str, int]
+    modules_added: list[str]
+    modules_replaced: list[str]
+    params_added: int
+    buffers_added: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fired(self) -> int:
+        return sum(self.matches.values())
+
+
+@dataclass
+class Report:
+    """The history of a rewritten GraphModule: source, passes, opaque modules."""
+
+    source: dict[str, Any] | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    opaque: dict[str, str] = field(default_factory=dict)
+
+    def pipeline(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(p.name, dict(p.options)) for p in self.passes]
+
+    def table(self) -> str:
+        rows = [("pass", "fired", "modules +", "replaced", "params +", "buffers +", "ms")]
+        for p in self.passes:
+            rows.append(
+                (
+                    p.name,
+                    str(p.fired),
+                    str(len(p.modules_added)),
+                    str(len(p.modules_replaced)),
+                    f"{p.params_added:,}",
+                    f"{p.buffers_added:,}",
+                    f"{p.seconds * 1e3:.1f}",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        for p in self.passes:
+            lines.extend(f"note ({p.name}): {n}" for n in p.notes)
+        for name, why in self.opaque.items():
+            lines.append(f"opaque module {name!r}: {why}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def report(gm: nn.Module) -> Report:
+    """What every pass did to ``gm`` (matches, modules and parameters added, time)."""
+    rep = getattr(gm, "meta", {}).get(REPORT_KEY)
+    if rep is None:
+        raise RewriterError("this module was not produced by rewriter.rewrite(); it has no report")
+    return rep
+
+
+def _count(gm: nn.Module) -> tuple[int, int]:
+    return (
+        sum(p.numel() for p in gm.parameters()),
+        sum(b.numel() for b in gm.buffers()),
+    )
+
+
+def _training_states(gm: nn.Module) -> dict[nn.Module, bool]:
+    return {m: m.training for m in gm.modules()}
+
+
+def _restore(states: dict[nn.Module, bool]) -> None:
+    for m, t in states.items():
+        m.training = t
+
+
+def evaluate(gm: nn.Module, inputs: Sequence[torch.Tensor], seed: int = 0) -> Any:
+    """Outputs of ``gm`` on ``inputs`` in eval mode, no grad, fixed seed; modes restored."""
+    states = _training_states(gm)
+    gm.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            return gm(*inputs)
+    finally:
+        _restore(states)
+
+
+def _shapes(out: Any) -> list[tuple[int, ...]]:
+    leaves, _ = tree_flatten(out)
+    return [tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def run_passes(
+    gm: fx.GraphModule,
+    passes: Sequence[Pass],
+    example_inputs: Sequence[torch.Tensor] | None,
+    checks: Checks = Checks(),
+) -> fx.GraphModule:
+    """Apply ``passes`` to ``gm`` in order, checking after each; records a report."""
+    rep: Report = gm.meta.get(REPORT_KEY) or Report(source=gm.meta.get("rewriter_source"))
+    rep.opaque = opaque_modules(gm)
+    gm.meta[REPORT_KEY] = rep
+    history = [p.name for p in rep.passes]
+    reference = evaluate(gm, example_inputs, checks.seed) if example_inputs is not None else None
+    ref_shapes = _shapes(reference) if reference is not None else None
+
+    for p in passes:
+        if rep.opaque:
+            warnings.warn(
+                f"pass {p.name!r} cannot see inside opaque module(s) "
+                f"{', '.join(sorted(rep.opaque))}; they are left unchanged",
+                stacklevel=3,
+            )
+        ctx = RewriteContext(gm, p.name)
+        before = _count(gm)
+        start = time.perf_counter()
+        try:
+            p.apply(gm, ctx)
+        except PassError:
+            raise
+        except RuleLoopError as exc:
+            raise PassError(str(exc), pass_name=p.name, history=history, node=exc.node, rule=exc.rule) from exc
+        except Exception as exc:
+            raise PassError(
+                f"{type(exc).__name__}: {exc}",
+                pass_name=p.name,
+                history=history,
+                node=ctx.current_node,
+                rule=ctx.current_rule,
+            ) from exc
+        seconds = time.perf_counter() - start
+
+        def fail(message: str, node: str | None = None) -> PassError:
+            return PassError(message, pass_name=p.name, history=history, node=node)
+
+        if checks.lint:
+            try:
+                gm.graph.lint()
+            except Exception as exc:
+                raise fail(f"graph.lint() failed after the pass: {exc}") from exc
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        if example_inputs is not None and (checks.shapes or checks.numerics):
+            out = _check_outputs(gm, p, example_inputs, reference, ref_shapes, checks, fail)
+            reference = out
+        after = _count(gm)
+        rep.passes.append(
+            PassRecord(
+                name=p.name,
+                options=p.options(),
+                matches=dict(ctx.matches),
+                modules_added=list(ctx.modules_added),
+                modules_replaced=list(ctx.modules_replaced),
+                params_added=after[0] - before[0],
+                buffers_added=after[1] - before[1],
+                seconds=seconds,
+                notes=list(ctx.notes),
+            )
+        )
+        history.append(p.name)
+    return gm
+
+
+def _check_outputs(gm, p, inputs, reference, ref_shapes, checks, fail):
+    states = _training_states(gm)
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        node = next((n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"), None)
+        raise fail(f"the rewritten model fails on the example inputs: {type(exc).__name__}: {exc}", node) from exc
+    finally:
+        _restore(states)
+    out = evaluate(gm, inputs, checks.seed)
+    if checks.shapes and _shapes(out) != ref_shapes:
+        raise fail(f"output shapes changed: {ref_shapes} before, {_shapes(out)} after")
+    if checks.numerics and p.preserves_outputs:
+        try:
+            torch.testing.assert_close(out, reference, rtol=checks.rtol, atol=checks.atol)
+        except AssertionError as exc:
+            raise fail(
+                f"the pass declares preserves_outputs but the outputs changed (eval mode): {exc}"
+            ) from exc
+    return out
