@@ -1,0 +1,145 @@
+"""Tests for the random-model generators in ``rewriter.testing.strategies``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from rewriter.testing.strategies import RandomDAG, RandomModel, random_model, random_models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _check_traces_exactly(rm: RandomModel) -> None:
+    model = rm.model
+    assert isinstance(model, RandomDAG)
+    assert model.training  # left in train mode, with warmed-up BN statistics
+    traced = torch.fx.symbolic_trace(model)
+    model.eval()
+    traced.eval()
+    with torch.no_grad():
+        eager = _as_tuple(model(*rm.example_inputs))
+        again = _as_tuple(traced(*rm.example_inputs))
+    assert len(eager) == len(again) == len(model.outputs)
+    batch = rm.example_inputs[0].shape[0]
+    for a, b in zip(eager, again, strict=True):
+        assert a.dim() == 2 and a.shape[0] == batch and a.shape[1] >= 2
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(random_models())
+def test_random_models_trace_and_match_eager(rm: RandomModel) -> None:
+    _check_traces_exactly(rm)
+    x = rm.example_inputs[0]
+    assert x.shape[0] == 2 and 1 <= x.shape[1] <= 4 and x.shape[2] == x.shape[3] in (6, 8)
+    assert rm.description.startswith("input v0:")
+    assert rm.description in repr(rm)
+
+
+@settings(max_examples=10, deadline=None)
+@given(random_models(min_ops=1, max_ops=4, max_channels=6, allow_two_outputs=False))
+def test_strategy_options(rm: RandomModel) -> None:
+    assert len(rm.model.outputs) == 1
+    for module in rm.model.modules():
+        if isinstance(module, nn.Conv2d):
+            assert module.out_channels <= 6
+    _check_traces_exactly(rm)
+
+
+def test_random_model_traces_for_many_seeds() -> None:
+    for seed in range(40):
+        _check_traces_exactly(random_model(seed))
+
+
+def test_random_model_is_deterministic_and_keeps_global_rng() -> None:
+    state = torch.get_rng_state()
+    a, b = random_model(7), random_model(7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.description == b.description
+    assert torch.equal(a.example_inputs[0], b.example_inputs[0])
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert random_model(8).description != a.description
+
+
+def test_modules_are_distinct_and_batchnorm_is_warmed_up() -> None:
+    found_bn = False
+    for seed in range(20):
+        model = random_model(seed).model
+        params = [p for p in model.parameters()]
+        assert len({id(p) for p in params}) == len(params)
+        named = dict(model.named_parameters(remove_duplicate=False))
+        assert len(named) == len(params)  # no sharing
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                found_bn = True
+                assert module.num_batches_tracked.item() == 2
+                assert not torch.equal(module.running_mean, torch.zeros_like(module.running_mean))
+                assert not torch.equal(module.weight, torch.ones_like(module.weight))
+    assert found_bn
+
+
+def test_op_vocabulary_is_covered() -> None:
+    tags: set[str] = set()
+    two_outputs = False
+    for seed in range(60):
+        rm = random_model(seed)
+        tags |= rm.op_tags
+        two_outputs |= len(rm.model.outputs) > 1
+    required = {
+        "conv", "dwconv", "gconv", "proj", "bn", "relu", "gelu", "add", "mul", "cat",
+        "split", "chunk", "max_pool", "avg_pool", "gap", "flatten", "linear",
+    }  # fmt: skip
+    assert required <= tags, sorted(required - tags)
+    assert two_outputs
+
+
+def test_graphs_are_dags_not_chains() -> None:
+    branching = 0
+    for seed in range(20):
+        gm = torch.fx.symbolic_trace(random_model(seed).model)
+        if any(len(node.users) > 1 for node in gm.graph.nodes):
+            branching += 1
+        dead = [n for n in gm.graph.nodes if n.op != "output" and not n.users]
+        assert not dead, f"seed {seed}: unused values {dead}"
+    assert branching >= 15
+
+
+def test_large_random_model_builds_fast() -> None:
+    start = time.perf_counter()
+    rm = random_model(0, num_ops=2000)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, f"building 2000 ops took {elapsed:.1f}s"
+    gm = torch.fx.symbolic_trace(rm.model)
+    assert len(gm.graph.nodes) >= 2000
+    channels = [m.out_channels for m in rm.model.modules() if isinstance(m, nn.Conv2d)]
+    assert max(channels) <= 4
+    with torch.no_grad():
+        out = _as_tuple(rm.model.eval()(*rm.example_inputs))
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError):
+        random_models(min_ops=5, max_ops=2)
+    with pytest.raises(ValueError):
+        random_model(0, max_channels=0)
