@@ -139,16 +139,18 @@ class CifarResNetBackbone(nn.Module):
         return torch.flatten(self.pool(x), 1)
 
 
-class ResNet(nn.Module):
-    """CIFAR-style ResNet classifier (backbone + linear head)."""
+class ResNet(CifarResNetBackbone):
+    """CIFAR-style ResNet classifier: the trunk's layers at the top level, then ``fc``.
+
+    Layer names follow the usual convention (``stem.0``, ``layer1.0.conv1``, ``fc``).
+    """
 
     def __init__(self, depth: int, width: int, num_classes: int, in_channels: int) -> None:
-        super().__init__()
-        self.backbone = CifarResNetBackbone(depth, width, in_channels)
-        self.fc = nn.Linear(self.backbone.out_features, num_classes)
+        super().__init__(depth, width, in_channels)
+        self.fc = nn.Linear(self.out_features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.backbone(x))
+        return self.fc(super().forward(x))
 
 
 class BottleneckResNet(nn.Module):
