@@ -10,6 +10,7 @@ Three lines::
 from .api import rewrite
 from .context import RewriteContext
 from .errors import ArtifactError, OptionError, PassError, RewriterError, TraceError
+from .io import load, read_pipeline, save
 from .manager import Checks, PassRecord, Report, report
 from .modules import RewriterModule
 from .patterns import Match, P, Pattern, Rule
@@ -35,6 +36,7 @@ __all__ = [
     "Rule",
     "TraceError",
     "get_pass",
+    "load",
     "make_pass",
     "opaque_modules",
     "option",
@@ -42,6 +44,8 @@ __all__ = [
     "register",
     "registered",
     "report",
+    "read_pipeline",
     "rewrite",
+    "save",
     "trace",
 ]

@@ -10,6 +10,7 @@ pass, the node, the rule and the passes already run.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ class Report:
     source: dict[str, Any] | None = None
     passes: list[PassRecord] = field(default_factory=list)
     opaque: dict[str, str] = field(default_factory=dict)
+    checked: bool = True  # False when no example inputs allowed shape/numeric checks
 
     def pipeline(self) -> list[tuple[str, dict[str, Any]]]:
         return [(p.name, dict(p.options)) for p in self.passes]
@@ -92,6 +94,8 @@ class Report:
             lines.extend(f"note ({p.name}): {n}" for n in p.notes)
         for name, why in self.opaque.items():
             lines.append(f"opaque module {name!r}: {why}")
+        if not self.checked:
+            lines.append("shape and numeric checks skipped: no example inputs were given")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -150,8 +154,12 @@ def run_passes(
     rep.opaque = opaque_modules(gm)
     gm.meta[REPORT_KEY] = rep
     history = [p.name for p in rep.passes]
-    reference = evaluate(gm, example_inputs, checks.seed) if example_inputs is not None else None
-    ref_shapes = _shapes(reference) if reference is not None else None
+    rep.checked = rep.checked and example_inputs is not None
+    reference = ref_shapes = None
+    if example_inputs is not None:
+        _propagate_shapes(gm, example_inputs)  # passes may read node.meta["tensor_meta"]
+        reference = evaluate(gm, example_inputs, checks.seed)
+        ref_shapes = _shapes(reference)
 
     for p in passes:
         if rep.opaque:
@@ -179,8 +187,7 @@ def run_passes(
             ) from exc
         seconds = time.perf_counter() - start
 
-        def fail(message: str, node: str | None = None) -> PassError:
-            return PassError(message, pass_name=p.name, history=history, node=node)
+        fail = functools.partial(PassError, pass_name=p.name, history=list(history))
 
         if checks.lint:
             try:
@@ -210,17 +217,26 @@ def run_passes(
     return gm
 
 
-def _check_outputs(gm, p, inputs, reference, ref_shapes, checks, fail):
+def _propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+    """Record ``tensor_meta`` on every node (eval mode, no grad; modes restored)."""
     states = _training_states(gm)
     gm.eval()
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:
-        node = next((n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"), None)
-        raise fail(f"the rewritten model fails on the example inputs: {type(exc).__name__}: {exc}", node) from exc
     finally:
         _restore(states)
+
+
+def _check_outputs(gm, p, inputs, reference, ref_shapes, checks, fail):
+    try:
+        _propagate_shapes(gm, inputs)
+    except Exception as exc:
+        node = next((n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"), None)
+        raise fail(
+            f"the rewritten model fails on the example inputs: {type(exc).__name__}: {exc}",
+            node=node,
+        ) from exc
     out = evaluate(gm, inputs, checks.seed)
     if checks.shapes and _shapes(out) != ref_shapes:
         raise fail(f"output shapes changed: {ref_shapes} before, {_shapes(out)} after")

@@ -125,7 +125,9 @@ class Match:
         try:
             return self.nodes[name]
         except KeyError:
-            raise KeyError(f"pattern bound no node named {name!r}; bound: {sorted(self.nodes)}")
+            raise KeyError(
+                f"pattern bound no node named {name!r}; bound: {sorted(self.nodes)}"
+            ) from None
 
 
 @dataclass(frozen=True)

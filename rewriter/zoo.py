@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import RewriterError
+
 __all__ = [
     "MODELS",
     "UnknownOptionError",
@@ -637,7 +639,11 @@ MODELS: dict[str, ZooEntry] = {
 }
 
 
-class UnknownOptionError(TypeError, ValueError):
+class UnknownModelError(RewriterError, ValueError):
+    """A zoo name that is not registered."""
+
+
+class UnknownOptionError(RewriterError, TypeError, ValueError):
     """An option that the model's factory does not accept (both a TypeError and ValueError)."""
 
 
@@ -652,7 +658,7 @@ def _lookup(name: str) -> ZooEntry:
     if entry is None:
         close = difflib.get_close_matches(key, MODELS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown zoo model {name!r}.{hint} Valid names: {', '.join(MODELS)}")
+        raise UnknownModelError(f"unknown zoo model {name!r}.{hint} Valid names: {', '.join(MODELS)}")
     return entry
 
 
@@ -690,7 +696,8 @@ def create(name: str, **options: Any) -> nn.Module:
     lists) so that ``create(name, **model.rewriter_source["options"])`` rebuilds it.
 
     Raises:
-        ValueError: ``name`` is not a registered model (the message lists the valid names).
+        UnknownModelError: ``name`` is not a registered model (a ``ValueError``; the message
+            lists the valid names).
         UnknownOptionError: an option is not accepted by the model (a ``TypeError`` and a
             ``ValueError``; the message lists the valid options).
     """
