@@ -288,13 +288,15 @@ def _pipeline_document(gm: fx.GraphModule, source: Any) -> dict[str, Any]:
 def check_output(path: str | os.PathLike[str], *, force: bool = False) -> None:
     """Raise :class:`ArtifactError` unless an artifact can be written at ``path``.
 
-    The directory must exist, ``path`` must not be a directory, and an existing
+    Missing parent directories are fine (:func:`save` creates them), but a parent
+    that is a file is not; ``path`` must not be a directory, and an existing
     file is refused unless ``force``. :func:`save` calls it; front ends call it
     before expensive work.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise ArtifactError(f"cannot write {path}: directory {path.parent} does not exist")
+    blocking = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ArtifactError(f"cannot write {path}: {blocking} is not a directory")
     if path.is_dir():
         raise ArtifactError(f"cannot write {path}: it is a directory")
     if path.exists() and not force:
@@ -355,6 +357,7 @@ def save(
     metadata = {"format": "pt", METADATA_KEY: _dumps(document)}
     tensors = _tensors(gm)
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)

@@ -221,10 +221,10 @@ def test_user_errors_exit_2_without_output(
 
 
 def test_missing_inputs_and_outputs(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
     assert_user_error(
-        run("apply", "zoo:mlp", "--pass", "masks", "-o", str(tmp_path / "no" / "out.safetensors")),
-        "directory",
-        "does not exist",
+        run("apply", "zoo:mlp", "--pass", "masks", "-o", str(tmp_path / "file" / "o.safetensors")),
+        "is not a directory",
     )
     assert_user_error(run("apply", "zoo:mlp", "--pass", "masks"), "Missing option '-o'")
     assert_user_error(
@@ -235,7 +235,7 @@ def test_missing_inputs_and_outputs(tmp_path: Path) -> None:
     )
     assert_user_error(run("info", str(tmp_path / "missing.safetensors")), "no such artifact")
     assert_user_error(run("frobnicate"), "No such command 'frobnicate'")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def test_unexpected_errors_exit_1_and_debug_shows_them(

@@ -182,9 +182,14 @@ def test_existing_file_needs_force(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o044 == 0o044  # readable like any new file, not 0600
 
 
-def test_output_directory_must_exist(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="does not exist"):
-        io.save(factory_gm(["masks"]), tmp_path / "missing" / "a.safetensors")
+def test_output_directories_are_created_but_files_do_not_become_directories(
+    tmp_path: Path,
+) -> None:
+    path = io.save(factory_gm(["masks"]), tmp_path / "new" / "dir" / "a.safetensors")
+    assert path.is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="is not a directory"):
+        io.save(factory_gm(["masks"]), tmp_path / "file" / "a.safetensors")
     with pytest.raises(ArtifactError, match="is a directory"):
         io.save(factory_gm(["masks"]), tmp_path)
 
