@@ -45,7 +45,7 @@ class RewriteContext:
         self.current_node: str | None = None
         self.current_rule: str | None = None
         self.notes: list[str] = []
-        self._tensor_ids: set[int] | None = None
+        self._tensor_ids: Counter[int] | None = None  # tensor id -> names holding it
 
     # -- modules ---------------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
@@ -67,6 +67,7 @@ class RewriteContext:
             i += 1
             name = f"{stem}_{i}"
         self._check_no_sharing(module)
+        module.train(self.gm.training)
         self.gm.add_submodule(name, module)
         self.modules_added.append(name)
         return name
@@ -76,6 +77,9 @@ class RewriteContext:
         target = str(node.target)
         parent_name, _, attr = target.rpartition(".")
         parent = self.gm.get_submodule(parent_name) if parent_name else self.gm
+        old = getattr(parent, attr)
+        if module is not old:
+            self._check_no_sharing(module, replacing=old)
         setattr(parent, attr, module)
         self.modules_replaced.append(target)
         return node
@@ -88,10 +92,12 @@ class RewriteContext:
         """Record a remark for the pass report (e.g. a layer skipped and why)."""
         self.notes.append(message)
 
-    def _check_no_sharing(self, module: nn.Module) -> None:
+    def _check_no_sharing(self, module: nn.Module, replacing: nn.Module | None = None) -> None:
         if self._tensor_ids is None:
-            self._tensor_ids = {id(t) for _, t in _tensors(self.gm)}
-        shared = [n for n, t in _tensors(module) if id(t) in self._tensor_ids]
+            self._tensor_ids = Counter(id(t) for _, t in _tensors(self.gm))
+        if replacing is not None:
+            self._tensor_ids.subtract(id(t) for _, t in _tensors(replacing))
+        shared = [n for n, t in _tensors(module) if self._tensor_ids[id(t)] > 0]
         self._tensor_ids.update(id(t) for _, t in _tensors(module))
         if shared:
             raise RewriterError(
@@ -177,4 +183,6 @@ def _exists(gm: fx.GraphModule, name: str) -> bool:
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(module.named_parameters()) + list(module.named_buffers())
+    return list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    )

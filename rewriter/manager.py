@@ -219,6 +219,8 @@ def run_passes(
 
 def _propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
     """Record ``tensor_meta`` on every node (eval mode, no grad; modes restored)."""
+    for node in gm.graph.nodes:
+        node.meta.pop("tensor_meta", None)  # so a failure points at the first node that fails
     states = _training_states(gm)
     gm.eval()
     try:

@@ -66,8 +66,12 @@ def option(default: Any, help: str) -> Any:
 
 def register(cls: type[Pass]) -> type[Pass]:
     """Register a pass class under its ``name``. Usable as a class decorator."""
-    if not (isinstance(cls, type) and issubclass(cls, Pass) and dataclasses.is_dataclass(cls)):
-        raise TypeError("register() expects a dataclass subclass of rewriter.Pass")
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise TypeError("register() expects a subclass of rewriter.Pass")
+    if "__dataclass_fields__" not in cls.__dict__:
+        raise TypeError(
+            f"{cls.__name__} must be decorated with @dataclass(frozen=True) (below @register)"
+        )
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no registry name (set the class attribute `name`)")
     existing = _REGISTRY.get(cls.name)

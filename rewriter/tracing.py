@@ -111,6 +111,10 @@ def trace(
             opaque[failed] = _reason(exc)
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        modes = {n: m.training for n, m in model.named_modules()}
+        for n, m in gm.named_modules():  # containers rebuilt by fx start in training mode
+            if n in modes:
+                m.training = modes[n]
         gm.meta[OPAQUE_KEY] = opaque
         for attr in ("rewriter_source",):
             if hasattr(model, attr):
