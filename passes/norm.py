@@ -20,7 +20,9 @@ parameters has no gamma to divide, so under ``"preserve"`` it is left unchanged
 and named in the report. ``"paper"`` is the authors' init (gamma kept), giving
 ``RBN = 0.7311 x BN`` at insertion; the pass then does not preserve outputs.
 Every ``nn.BatchNorm2d`` is replaced, downsample BNs included. Running the pass
-twice is a no-op.
+twice is a no-op. Like ``nn.BatchNorm2d`` itself, a BN with ``momentum=None``
+(cumulative average) reads its batch count as a Python number in training, so
+it does not compile with ``fullgraph=True``; the default momentum does.
 """
 
 from __future__ import annotations
