@@ -53,6 +53,7 @@ from .api import rewrite
 from .errors import ArtifactError, RewriterError
 from .manager import report
 from .tracing import Tracer
+from .zoo import plain as _plain
 
 METADATA_KEY = "rewriter_pipeline"
 FORMAT = "rewriter-artifact"
@@ -190,15 +191,6 @@ def _normalise_source(source: Any) -> dict[str, Any]:
 
 
 # -- TOML helpers ----------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """Tuples (recursively) become lists, so values are TOML and JSON friendly."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
 
 
 def _options_table(options: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -679,12 +679,12 @@ def _resolve(name: str, options: Mapping[str, Any]) -> tuple[ZooEntry, dict[str,
     return entry, dict(_bind(entry.factory, options).arguments)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Convert tuples (recursively) to lists so that option values are JSON/TOML-friendly."""
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     return value
 
 
@@ -703,7 +703,7 @@ def create(name: str, **options: Any) -> nn.Module:
     """
     entry, _ = _resolve(name, options)
     model = entry.factory(**options)
-    model.rewriter_source = {"model": f"zoo:{entry.name}", "options": _plain(dict(options))}
+    model.rewriter_source = {"model": f"zoo:{entry.name}", "options": plain(dict(options))}
     return model
 
 
