@@ -67,11 +67,7 @@ def _components() -> list[tuple[str, object, str]]:
         ("trace (rewriter.tracing.trace)", rewriter.api, "trace"),
         ("rules: masks + rbn (RewriteContext.apply_rules)", RewriteContext, "apply_rules"),
         ("fx Graph.lint", fx.Graph, "lint"),
-        (
-            "fx GraphModule.delete_all_unused_submodules",
-            fx.GraphModule,
-            "delete_all_unused_submodules",
-        ),
+        ("orphan submodule removal (manager._delete_orphans)", rewriter.manager, "_delete_orphans"),
         ("fx GraphModule.recompile", fx.GraphModule, "recompile"),
         ("shape propagation (manager._propagate_shapes)", rewriter.manager, "_propagate_shapes"),
         ("reference forward (manager.evaluate)", rewriter.manager, "evaluate"),
