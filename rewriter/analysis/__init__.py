@@ -1,0 +1,1 @@
+"""Analysis layer: networkx views of the graph, channel coupling, FLOPs and parameter counts."""
