@@ -1,4 +1,4 @@
-"""The ``rewriter`` command line (``rewriter apply``, ``rewriter passes``, ``rewriter info``)."""
+"""The ``rewriter`` command line: ``apply``, ``check``, ``inspect``, ``export``, ``passes``, ``info``."""
 
 from .main import cli, main
 

@@ -10,10 +10,12 @@ Three lines::
 from .api import rewrite
 from .context import RewriteContext
 from .errors import ArtifactError, OptionError, PassError, RewriterError, TraceError
-from .io import load, read_pipeline, save
+from .io import export, load, read_pipeline, save
+from .lift import LiftError, lift, load_pt2
 from .manager import Checks, PassRecord, Report, report
 from .modules import RewriterModule
 from .patterns import Match, P, Pattern, Rule
+from .pipeline import PipelineError
 from .registry import Pass, get_pass, make_pass, option, option_specs, register, registered
 from .tracing import opaque_modules, trace
 
@@ -22,12 +24,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError",
     "Checks",
+    "LiftError",
     "Match",
     "OptionError",
     "P",
     "Pass",
     "PassError",
     "PassRecord",
+    "PipelineError",
     "Pattern",
     "Report",
     "RewriteContext",
@@ -35,8 +39,11 @@ __all__ = [
     "RewriterModule",
     "Rule",
     "TraceError",
+    "export",
     "get_pass",
+    "lift",
     "load",
+    "load_pt2",
     "make_pass",
     "opaque_modules",
     "option",

@@ -9,9 +9,14 @@ rebuild the graph::
     format_version = 1
 
     [model]
-    source = "zoo:resnet8"            # or "package.module:function"
+    source = "zoo:resnet8"            # or "package.module:function", or a file path
     leaves = []                       # submodule names traced as leaves
     options = { width = 16 }          # keyword arguments of the factory
+
+    [input]                           # optional: the example input used for checks
+    shape = [3, 32, 32]               # without the batch dimension
+    batch = 2
+    dtype = "float32"
 
     [[pass]]
     name = "masks"
@@ -24,22 +29,38 @@ rebuild the graph::
 TOML has no null: an option whose value is ``None`` is listed in a
 ``null_options`` array next to its ``options`` table instead.
 
+A model read from a file (a ``torch.export`` ``.pt2`` program, or with explicit
+trust a pickled module) is recorded by its absolute path and ``sha256``; loading
+the artifact reads that file again and refuses it if it is missing or changed.
+Weights loaded into the source model before rewriting are recorded as
+``weights``/``weights_sha256`` for provenance only (the artifact holds every tensor).
+
+Model files are recognised by their first bytes, never by unpickling them:
+:func:`file_format`. Pickles (whole modules saved with ``torch.save(model)``) are
+only loaded with ``trust_pickle=True``; state dicts are read with
+``torch.load(weights_only=True)``.
+
 :func:`load` rebuilds the source model, replays the passes with
 :func:`rewriter.rewrite` and loads the tensors with ``strict=True``: the result is
 an ordinary GraphModule that trains, switches between train and eval and
-compiles. Nothing is unpickled. Loaded models start on the CPU in training mode,
+compiles. Nothing is unpickled unless ``trust_pickle=True``. Loaded models start on the CPU in training mode,
 like any freshly built module.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib
 import inspect
 import os
+import pickle
+import shutil
 import tomllib
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +72,20 @@ from torch import fx, nn
 
 from .api import rewrite
 from .errors import ArtifactError, RewriterError
-from .manager import report
+from .manager import REPORT_KEY, report
 from .tracing import Tracer
 from .zoo import plain as _plain
 
 METADATA_KEY = "rewriter_pipeline"
+INPUTS_KEY = "rewriter_example_inputs"  # GraphModule.meta: inputs for checks and export
+INPUT_TABLE_KEY = "rewriter_input"  # GraphModule.meta: the [input] table those came from
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".pkl", ".pickle", ".safetensors", ".bin", ".ckpt")
 FORMAT = "rewriter-artifact"
 FORMAT_VERSION = 1
 
@@ -70,19 +100,36 @@ _SOURCE_HELP = (
 # -- sources ---------------------------------------------------------------------------------
 
 
-def resolve_source(spec: str, options: Mapping[str, Any] | None = None) -> nn.Module:
+def resolve_source(
+    spec: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    sha256: str | None = None,
+    trust_pickle: bool = False,
+) -> nn.Module:
     """Build the model named by ``spec`` with keyword ``options``.
 
-    ``spec`` is ``"zoo:NAME"`` (or a bare zoo name such as ``"resnet8"``) or
-    ``"package.module:function"``, where ``function`` may be a dotted attribute
-    path and must return an ``nn.Module``. The model gets ``rewriter_source`` set,
-    so a rewrite of it can be saved without naming the source again.
+    ``spec`` is ``"zoo:NAME"`` (or a bare zoo name such as ``"resnet8"``),
+    ``"package.module:function"`` (``function`` may be a dotted attribute path and
+    must return an ``nn.Module``), or the path of a model file:
+
+    * a ``torch.export`` program (``.pt2``), lifted to a GraphModule with
+      :func:`rewriter.lift.lift` (its example inputs are kept in
+      ``gm.meta[INPUTS_KEY]``);
+    * an artifact written by :func:`save`, loaded with :func:`load`;
+    * a whole pickled module (``torch.save(model)``), only with ``trust_pickle``.
+
+    The model gets ``rewriter_source`` set, so a rewrite of it can be saved
+    without naming the source again; file sources record their absolute path and
+    ``sha256``. When ``sha256`` is given, a file source must still have it.
     Raises :class:`ArtifactError` when the source cannot be found or built.
     """
     options = dict(options or {})
     if not isinstance(spec, str) or not spec.strip():
         raise ArtifactError(f"model source must be a non-empty string, got {spec!r}")
     spec = spec.strip()
+    if is_file_source(spec):
+        return _file_model(Path(spec), options, sha256=sha256, trust_pickle=trust_pickle)
     if spec.startswith("zoo:") or ":" not in spec:
         return _zoo_model(spec.removeprefix("zoo:"), options)
     factory = _import_factory(spec)
@@ -99,6 +146,144 @@ def resolve_source(spec: str, options: Mapping[str, Any] | None = None) -> nn.Mo
         )
     model.rewriter_source = {"model": spec, "options": _plain(options)}
     return model
+
+
+def is_file_source(spec: str) -> bool:
+    """Whether a model source names a file (an existing file, or a model-file suffix)."""
+    if spec.startswith("zoo:"):
+        return False
+    path = Path(spec)
+    return (
+        path.is_file()
+        or path.suffix.lower() in MODEL_SUFFIXES
+        or (os.sep in spec and ":" not in spec)
+    )
+
+
+def file_format(path: str | os.PathLike[str]) -> str:
+    """What a file holds, from its first bytes; nothing is unpickled or imported.
+
+    One of ``"safetensors"``, ``"pt2"`` (a ``torch.export`` archive), ``"torch"``
+    (a ``torch.save`` zip: a pickle inside), ``"pickle"`` (a raw or legacy
+    ``torch.save`` pickle), ``"zip"`` (another zip file) or ``"unknown"``.
+    Raises :class:`ArtifactError` when the file is missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no such file: {path}")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory, not a model file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "zip"
+        if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
+            return "pt2"
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "torch"
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "unknown"
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """The hex SHA-256 digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_PRESERVED = "_user_preserved_attributes"  # torch.fx: attributes GraphModule deepcopy keeps
+
+_PICKLE_HELP = (
+    "A pickle can run arbitrary code when it is loaded, so rewriter does not open it "
+    "unless told to. If you trust the file, pass --trust-pickle (Python: "
+    "trust_pickle=True). Better: save model.state_dict() with safetensors and pass it "
+    "with --weights to the factory that builds the model, or export the model with "
+    "torch.export.save() and give the .pt2 file"
+)
+
+
+def _file_model(
+    path: Path, options: dict[str, Any], *, sha256: str | None, trust_pickle: bool
+) -> nn.Module:
+    if not path.exists():
+        raise ArtifactError(f"no such model file: {path}")
+    kind = file_format(path)
+    if options:
+        raise ArtifactError(
+            f"model options {sorted(options)} given for the model file {path}; "
+            "options are keyword arguments of factories and zoo models only"
+        )
+    digest = sha256_of(path)
+    if sha256 is not None and digest != sha256:
+        raise ArtifactError(
+            f"the model file {path} changed since the artifact was written "
+            f"(sha256 {digest[:12]}..., recorded {sha256[:12]}...). Restore the original "
+            "file, or apply the passes to the new one again"
+        )
+    if kind == "pt2":
+        from . import lift
+
+        ep = lift.load_pt2(path, trust_pickle=trust_pickle)
+        model: nn.Module = lift.lift(ep)
+        model.meta[INPUTS_KEY] = lift.example_inputs(ep)
+    elif kind in ("torch", "pickle"):
+        model = _unpickle_model(path, trust_pickle)
+    elif kind == "safetensors":
+        if METADATA_KEY not in _open_metadata(path):
+            raise ArtifactError(
+                f"{path} holds tensors only (no rewriter pipeline). Give the factory or zoo "
+                f"model that builds the network as MODEL and this file as its weights "
+                f"(--weights {path})"
+            )
+        return load(path, trust_pickle=trust_pickle)
+    else:
+        raise ArtifactError(
+            f"{path} is not a model file rewriter reads: expected a torch.export program "
+            "(.pt2), a rewriter artifact (.safetensors) or, with --trust-pickle, a pickled "
+            "module"
+        )
+    _set_source(model, {"model": str(path.resolve()), "options": {}, "sha256": digest})
+    return model
+
+
+def _set_source(model: nn.Module, source: dict[str, Any]) -> None:
+    """Set ``model.rewriter_source``, also for GraphModules (whose deepcopy drops attributes)."""
+    model.rewriter_source = source
+    if isinstance(model, fx.GraphModule):
+        preserved = model.meta.setdefault(_PRESERVED, {})
+        preserved["rewriter_source"] = source
+
+
+def _unpickle_model(path: Path, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise ArtifactError(f"refusing to unpickle {path}: it is a pickle. {_PICKLE_HELP}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling raises whatever the pickled code raises
+        raise ArtifactError(f"cannot unpickle {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Mapping):
+        raise ArtifactError(
+            f"{path} holds a {type(obj).__name__} (a state dict?), not a module. Give the "
+            f"factory or zoo model as MODEL and this file with --weights {path}"
+        )
+    if not isinstance(obj, nn.Module):
+        raise ArtifactError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+    if isinstance(obj, fx.GraphModule) and REPORT_KEY in obj.meta:
+        raise ArtifactError(
+            f"{path} is a pickled rewritten model; save rewritten models with rewriter.save()"
+        )
+    return obj
 
 
 def _zoo_model(name: str, options: dict[str, Any]) -> nn.Module:
@@ -170,24 +355,125 @@ def _check_signature(spec: str, factory: Callable[..., Any], options: dict[str, 
         ) from exc
 
 
+_SOURCE_KEYS = ("model", "options", "sha256", "weights", "weights_sha256")
+
+
 def _normalise_source(source: Any) -> dict[str, Any]:
     if isinstance(source, str):
         source = {"model": source, "options": {}}
     if not isinstance(source, Mapping) or not isinstance(source.get("model"), str):
         raise ArtifactError(
             f"cannot read model source {source!r}: expected 'package.module:function', "
-            "'zoo:NAME' or a dict {'model': ..., 'options': {...}}"
+            "'zoo:NAME', a file path or a dict {'model': ..., 'options': {...}}"
         )
-    unknown = sorted(set(source) - {"model", "options"})
+    unknown = sorted(set(source) - set(_SOURCE_KEYS))
     if unknown:
-        raise ArtifactError(f"model source has unknown keys {unknown}; use 'model' and 'options'")
+        raise ArtifactError(
+            f"model source has unknown keys {unknown}; use {', '.join(map(repr, _SOURCE_KEYS))}"
+        )
     model = source["model"].strip()
-    if ":" not in model:
+    if ":" not in model and not is_file_source(model):
         model = f"zoo:{model}"
     options = source.get("options") or {}
     if not isinstance(options, Mapping):
         raise ArtifactError(f"model source options must be a dict, got {type(options).__name__}")
-    return {"model": model, "options": dict(options)}
+    extra = {k: str(source[k]) for k in _SOURCE_KEYS[2:] if source.get(k) is not None}
+    return {"model": model, "options": dict(options), **extra}
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: safetensors, or a state dict saved with ``torch.save``.
+
+    ``torch.save`` files are read with ``torch.load(weights_only=True)``, which
+    refuses anything but tensors and plain containers; a dict with a
+    ``"state_dict"`` entry (a training checkpoint) gives that entry.
+    Raises :class:`ArtifactError` for missing, damaged or unsafe files.
+    """
+    path = Path(path)
+    kind = file_format(path)
+    if kind == "safetensors":
+        try:
+            return safetensors.torch.load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(
+                f"{path} is not a readable safetensors file (truncated or damaged): {exc}"
+            ) from exc
+    if kind not in ("torch", "pickle"):
+        what = {"pt2": "a torch.export program; give it as MODEL instead"}.get(
+            kind, "not a safetensors file or a state dict saved with torch.save"
+        )
+        raise ArtifactError(f"cannot read weights from {path}: it is {what}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1].strip()
+        raise ArtifactError(
+            f"{path} is not a plain state dict: it holds pickled Python objects that "
+            f"torch.load(weights_only=True) refuses ({reason}). If it is a whole pickled "
+            "model you trust, give it as MODEL with --trust-pickle; otherwise save "
+            "model.state_dict() instead"
+        ) from exc
+    except Exception as exc:  # damaged zip or pickle
+        raise ArtifactError(
+            f"cannot read weights from {path} (truncated or damaged?): {type(exc).__name__}: {exc}"
+        ) from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ArtifactError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise ArtifactError(f"{path}: these state-dict entries are not tensors: {', '.join(bad)}")
+    return {str(k): v for k, v in obj.items()}
+
+
+def apply_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load the weights file at ``path`` into ``model`` (strict: same keys and shapes).
+
+    Records the file in ``model.rewriter_source`` (path and sha256) when present.
+    Raises :class:`ArtifactError` listing every missing, unexpected or mis-shaped key.
+    """
+    path = Path(path)
+    tensors = load_weights(path)
+    problems = _state_mismatch(model.state_dict(), tensors)
+    if problems:
+        hint = ""
+        if tensors and all(k.startswith("module.") for k in tensors):
+            hint = " (every key starts with 'module.': a DistributedDataParallel checkpoint?)"
+        raise ArtifactError(f"the weights in {path} do not fit the model ({problems}){hint}")
+    model.load_state_dict(tensors, strict=True)
+    source = getattr(model, "rewriter_source", None)
+    if isinstance(source, dict):
+        source["weights"] = str(path.resolve())
+        source["weights_sha256"] = sha256_of(path)
+
+
+# -- example inputs --------------------------------------------------------------------------
+
+
+def inputs_from_table(table: Mapping[str, Any], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded random example inputs for an ``[input]`` table (shape, batch, dtype)."""
+    shape = [int(table.get("batch", 2)), *(int(s) for s in table["shape"])]
+    dtype = DTYPES[table.get("dtype", "float32")]
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype),)
+
+
+def default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The example inputs known for ``model``: recorded ones, else a zoo model's default."""
+    meta = getattr(model, "meta", None)
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get(INPUTS_KEY) is not None:
+        return tuple(meta[INPUTS_KEY])
+    source = getattr(model, "rewriter_source", None) or meta.get("rewriter_source")
+    if isinstance(source, Mapping) and str(source.get("model", "")).startswith("zoo:"):
+        from . import zoo
+
+        return zoo.example_inputs(source["model"].removeprefix("zoo:"), **source["options"])
+    return None
 
 
 # -- TOML helpers ----------------------------------------------------------------------------
@@ -254,7 +540,9 @@ def _leaves(gm: fx.GraphModule) -> list[str]:
     return sorted(set(names))
 
 
-def _pipeline_document(gm: fx.GraphModule, source: Any) -> dict[str, Any]:
+def _pipeline_document(
+    gm: fx.GraphModule, source: Any, inputs: Mapping[str, Any] | None
+) -> dict[str, Any]:
     import rewriter
 
     rep = report(gm)
@@ -262,19 +550,39 @@ def _pipeline_document(gm: fx.GraphModule, source: Any) -> dict[str, Any]:
     if recorded is None:
         raise ArtifactError(f"cannot save: the model's source is unknown. {_SOURCE_HELP}")
     src = _normalise_source(recorded)
-    model: dict[str, Any] = {"source": src["model"], "leaves": _leaves(gm)}
+    model: dict[str, Any] = {"source": src["model"]}
+    model.update({k: src[k] for k in _SOURCE_KEYS[2:] if k in src})
+    model["leaves"] = _leaves(gm)
     model.update(_options_table(src["options"], f"model {src['model']!r}"))
     passes = [
         {"name": name, **_options_table(options, f"pass {name!r}")}
         for name, options in rep.pipeline()
     ]
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": model,
-        "pass": passes,
-        "versions": {"rewriter": rewriter.__version__, "torch": torch.__version__},
-    }
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model}
+    if inputs is not None:
+        document["input"] = _input_table(inputs)
+    document["pass"] = passes
+    document["versions"] = {"rewriter": rewriter.__version__, "torch": torch.__version__}
+    return document
+
+
+def _input_table(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    shape = inputs.get("shape")
+    dtype = inputs.get("dtype", "float32")
+    batch = inputs.get("batch", 2)
+    if (
+        not isinstance(shape, (list, tuple))
+        or not all(isinstance(s, int) and s > 0 for s in shape)
+        or not isinstance(batch, int)
+        or batch < 1
+        or dtype not in DTYPES
+    ):
+        raise ArtifactError(
+            f"cannot record example input {dict(inputs)!r}: expected shape (positive "
+            f"integers, without the batch), batch (a positive integer) and dtype (one of "
+            f"{', '.join(DTYPES)})"
+        )
+    return {"shape": list(shape), "batch": batch, "dtype": dtype}
 
 
 def check_output(path: str | os.PathLike[str], *, force: bool = False) -> None:
@@ -325,12 +633,16 @@ def save(
     *,
     source: str | Mapping[str, Any] | None = None,
     force: bool = False,
+    inputs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``gm`` (a result of :func:`rewriter.rewrite`) to ``path`` as an artifact.
 
     ``source`` names the model the pipeline starts from (``"zoo:NAME"``,
-    ``"package.module:function"`` or ``{"model": ..., "options": {...}}``) and
-    overrides the one recorded from ``model.rewriter_source``. The file is
+    ``"package.module:function"``, a model file, or ``{"model": ..., "options":
+    {...}}``) and overrides the one recorded from ``model.rewriter_source``.
+    ``inputs`` (``{"shape": [...], "batch": 2, "dtype": "float32"}``, shape without
+    the batch) records the example input, used by :func:`load` for the engine's
+    checks and by ``rewriter export``. The file is
     written atomically (a temporary file in the same directory, then renamed);
     an existing file is only replaced with ``force=True``. ``torch.compile`` and
     DDP wrappers are unwrapped. Returns the path written.
@@ -345,7 +657,9 @@ def save(
             "rewriter.rewrite() (it carries the pipeline to replay)"
         ) from exc
     check_output(path, force=force)
-    document = _pipeline_document(gm, source)
+    if inputs is None:
+        inputs = getattr(gm, "meta", {}).get(INPUT_TABLE_KEY)
+    document = _pipeline_document(gm, source, inputs)
     metadata = {"format": "pt", METADATA_KEY: _dumps(document)}
     tensors = _tensors(gm)
 
@@ -388,6 +702,52 @@ def _publish(tmp: Path, path: Path, force: bool) -> None:
         os.replace(tmp, path)
 
 
+def export(
+    gm: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    force: bool = False,
+) -> Path:
+    """Write an eval-mode ``torch.export`` program of ``gm`` to ``path`` (``.pt2``).
+
+    A copy of ``gm`` is switched to eval mode and exported with ``example_inputs``,
+    so ``gm`` itself is unchanged. The batch dimension (dim 0 of every input) is
+    exported as dynamic where the model allows it (``Dim.AUTO``: torch specializes
+    it to the example's size when the model needs a fixed batch). The file is written
+    atomically, like :func:`save`; an existing file is only replaced with
+    ``force=True``. Raises :class:`ArtifactError` when the model cannot be exported.
+    """
+    path = Path(path)
+    check_output(path, force=force)
+    model = copy.deepcopy(_unwrap(gm)).eval()
+    try:
+        dynamic = tuple(
+            {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None
+            for x in example_inputs
+        )
+        program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
+    except Exception as exc:  # torch.export raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ArtifactError(
+            f"torch.export could not export the model: {type(exc).__name__}: {first} "
+            "(rerun with --debug for the full error)"
+        ) from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp_dir.mkdir()
+    tmp = tmp_dir / path.name  # the archive's root folder is named after the file
+    try:
+        torch.export.save(program, tmp)
+        os.chmod(tmp, _default_mode())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, path, force)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
 # -- load ------------------------------------------------------------------------------------
 
 
@@ -405,17 +765,23 @@ def _open_metadata(path: Path) -> dict[str, str]:
         ) from exc
 
 
-def read_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The pipeline TOML stored in the artifact at ``path``, parsed; no model is built."""
+def pipeline_text(path: str | os.PathLike[str]) -> str:
+    """The pipeline TOML stored in the artifact at ``path``, as written (a pipeline file)."""
     path = Path(path)
-    metadata = _open_metadata(path)
-    text = metadata.get(METADATA_KEY)
+    text = _open_metadata(path).get(METADATA_KEY)
     if text is None:
         raise ArtifactError(
             f"{path} is a safetensors file without rewriter metadata (no {METADATA_KEY!r} "
             "entry): it holds tensors only. Load them with safetensors.torch.load_file() "
             "and model.load_state_dict()"
         )
+    return text
+
+
+def read_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The pipeline TOML stored in the artifact at ``path``, parsed; no model is built."""
+    path = Path(path)
+    text = pipeline_text(path)
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -442,14 +808,17 @@ def read_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
     return document
 
 
-def load(path: str | os.PathLike[str]) -> fx.GraphModule:
+def load(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> fx.GraphModule:
     """Rebuild the GraphModule saved at ``path`` by :func:`save`.
 
     Builds the source model, replays the passes with :func:`rewriter.rewrite`
-    (zoo models get their default example inputs, so the engine's checks run),
-    then loads every tensor with ``strict=True``. A factory source
-    (``package.module:function``) must be importable from ``sys.path``. The
-    global RNG is left as it was. Raises :class:`ArtifactError` when the file is missing or malformed, the
+    (with the recorded example input, or a zoo model's or ``.pt2`` program's
+    default, so the engine's checks run), then loads every tensor with
+    ``strict=True``. A factory source (``package.module:function``) must be
+    importable from ``sys.path``; a file source must be unchanged (same sha256),
+    and a pickled one needs ``trust_pickle``. The global RNG is left as it was.
+    The result's ``meta[INPUTS_KEY]`` holds the example inputs, when known.
+    Raises :class:`ArtifactError` when the file is missing or malformed, the
     source cannot be built, the pipeline cannot be replayed, or the tensors do
     not match the rebuilt model (the message lists the differing keys).
     """
@@ -464,26 +833,49 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
     leaves = model_table.get("leaves", [])
+    if is_file_source(source) and Path(source).is_file() and file_format(source) == "safetensors":
+        raise ArtifactError(f"{path}: its source {source} is itself an artifact; not supported")
     with torch.random.fork_rng(devices=[]):
         try:
-            model = resolve_source(source, options)
+            model = resolve_source(
+                source, options, sha256=model_table.get("sha256"), trust_pickle=trust_pickle
+            )
         except ArtifactError as exc:
             raise ArtifactError(f"{path}: cannot rebuild the source model: {exc}") from exc
+        inputs = table = None
+        if isinstance(document.get("input"), dict):
+            try:
+                table = _input_table(document["input"])
+            except ArtifactError as exc:
+                raise ArtifactError(f"{path}: malformed [input] table: {exc}") from None
+            inputs = inputs_from_table(table)
+        inputs = inputs if inputs is not None else default_inputs(model)
         try:
-            gm = rewrite(model, passes, leaves=leaves)
+            gm = rewrite(model, passes, inputs, leaves=leaves)
         except RewriterError as exc:
             raise ArtifactError(f"{path}: replaying the pipeline failed: {exc}") from exc
     try:
         tensors = safetensors.torch.load_file(str(path))
     except SafetensorError as exc:
         raise ArtifactError(f"{path}: cannot read the tensors: {exc}") from exc
-    _check_state(path, gm, tensors)
+    problems = _state_mismatch(gm.state_dict(), tensors)
+    if problems:
+        raise ArtifactError(
+            f"{path}: the tensors do not match the model rebuilt from its pipeline "
+            f"({problems}). Was the file edited, or did the source model change?"
+        )
     gm.load_state_dict(tensors, strict=True)
+    if inputs is not None:
+        gm.meta[INPUTS_KEY] = inputs
+    if table is not None:
+        gm.meta[INPUT_TABLE_KEY] = table
     return gm
 
 
-def _check_state(path: Path, gm: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    expected = gm.state_dict()
+def _state_mismatch(
+    expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Every missing, unexpected and mis-shaped key, or ``None`` when they fit."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shapes = sorted(
@@ -491,8 +883,6 @@ def _check_state(path: Path, gm: nn.Module, tensors: Mapping[str, torch.Tensor])
         for k in set(expected) & set(tensors)
         if tuple(tensors[k].shape) != tuple(expected[k].shape)
     )
-    if not (missing or unexpected or shapes):
-        return
     parts = []
     if missing:
         parts.append(f"missing keys: {', '.join(missing)}")
@@ -500,10 +890,7 @@ def _check_state(path: Path, gm: nn.Module, tensors: Mapping[str, torch.Tensor])
         parts.append(f"unexpected keys: {', '.join(unexpected)}")
     if shapes:
         parts.append(f"shape mismatches: {'; '.join(shapes)}")
-    raise ArtifactError(
-        f"{path}: the tensors do not match the model rebuilt from its pipeline "
-        f"({'; '.join(parts)}). Was the file edited, or did the source model change?"
-    )
+    return "; ".join(parts) or None
 
 
 def _warn_versions(path: Path, versions: Mapping[str, Any]) -> None:
@@ -518,4 +905,23 @@ def _warn_versions(path: Path, versions: Mapping[str, Any]) -> None:
         )
 
 
-__all__ = ["check_output", "load", "read_pipeline", "resolve_source", "save", "stored_options"]
+__all__ = [
+    "DTYPES",
+    "INPUTS_KEY",
+    "INPUT_TABLE_KEY",
+    "apply_weights",
+    "check_output",
+    "default_inputs",
+    "export",
+    "file_format",
+    "inputs_from_table",
+    "is_file_source",
+    "load",
+    "load_weights",
+    "pipeline_text",
+    "read_pipeline",
+    "resolve_source",
+    "save",
+    "sha256_of",
+    "stored_options",
+]

@@ -157,10 +157,18 @@ def run_passes(
     rep.checked = rep.checked and example_inputs is not None
     reference = ref_shapes = None
     if example_inputs is not None:
-        _propagate_shapes(gm, example_inputs)  # passes may read node.meta["tensor_meta"]
-        if checks.shapes or checks.numerics:
-            reference = evaluate(gm, example_inputs, checks.seed)
-            ref_shapes = _shapes(reference)
+        try:
+            _propagate_shapes(gm, example_inputs)  # passes may read node.meta["tensor_meta"]
+            if checks.shapes or checks.numerics:
+                reference = evaluate(gm, example_inputs, checks.seed)
+                ref_shapes = _shapes(reference)
+        except Exception as exc:
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+            raise RewriterError(
+                f"the model fails on the example inputs {shapes} before any pass ran: "
+                f"{_root_cause(exc)}\n"
+                "  Give inputs the model accepts (shape, dtype, number of arguments)."
+            ) from exc
 
     for p in passes:
         if rep.opaque:
@@ -218,6 +226,14 @@ def run_passes(
     return gm
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's first line (ShapeProp wraps the real error)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _delete_orphans(gm: fx.GraphModule) -> None:
     """Remove submodules no node uses (fx's own version is quadratic in graph size)."""
     used: set[str] = set()
@@ -252,7 +268,7 @@ def _check_outputs(gm, p, inputs, reference, ref_shapes, checks, fail):
     except Exception as exc:
         node = next((n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"), None)
         raise fail(
-            f"the rewritten model fails on the example inputs: {type(exc).__name__}: {exc}",
+            f"the rewritten model fails on the example inputs: {_root_cause(exc)}",
             node=node,
         ) from exc
     out = evaluate(gm, inputs, checks.seed)

@@ -116,9 +116,11 @@ def trace(
             if n in modes:
                 m.training = modes[n]
         gm.meta[OPAQUE_KEY] = opaque
-        for attr in ("rewriter_source",):
-            if hasattr(model, attr):
-                gm.meta[attr] = getattr(model, attr)
+        source = getattr(model, "rewriter_source", None) or getattr(model, "meta", {}).get(
+            "rewriter_source"
+        )
+        if source is not None:
+            gm.meta["rewriter_source"] = source
         return gm
     raise TraceError(f"gave up tracing {type(model).__name__} after {_MAX_RETRIES} retries")
 

@@ -58,3 +58,21 @@ def inputs(batch: int = 4) -> Tensor:
 
 def not_a_module() -> int:
     return 3
+
+
+class DataDependent(nn.Module):
+    """The root forward branches on a tensor value: torch.fx cannot trace the model at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return self.fc(-x)
+
+
+def untraceable() -> nn.Module:
+    """A model whose root forward has data-dependent control flow (for (N, 4) inputs)."""
+    return DataDependent()

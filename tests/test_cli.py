@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+import safetensors.torch
 import torch
 from click.testing import CliRunner, Result
 
@@ -33,11 +34,14 @@ def run(*args: str) -> Result:
 
 
 def assert_user_error(result: Result, *fragments: str) -> None:
+    """Exit code 2, one ``error:`` message after any progress lines, no traceback."""
     assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ")
+    progress, _, message = result.stderr.partition("error: ")
+    assert message, result.stderr
+    assert all(line.startswith("... ") for line in progress.splitlines())
     assert "Traceback" not in result.output
     for fragment in fragments:
-        assert fragment in result.stderr
+        assert fragment in message
 
 
 # -- spec parsing ----------------------------------------------------------------------------
@@ -327,3 +331,402 @@ def test_subprocess_apply_then_info(tmp_path: Path) -> None:
     info = _python_m_rewriter("info", str(out), cwd=tmp_path)
     assert info.returncode == 0, info.stderr
     assert "  1. masks include=[] exclude=[] classes=[]" in info.stdout.splitlines()
+
+
+# -- models from files, round trips -----------------------------------------------------------
+
+EXAMPLES = sorted((ROOT / "examples" / "pipelines").glob("*.toml"))
+
+
+class Evil:
+    """Unpickling it creates ``marker``: stands for arbitrary code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def eval_out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_round_trip_apply_then_load(tmp_path: Path) -> None:
+    """zoo model -> apply -> artifact -> load: the same outputs as rewriting in Python."""
+    out = tmp_path / "d.safetensors"
+    result = run(
+        "apply", "zoo:digits_cnn", "--model-option", "width=4", "--pass", "masks",
+        "--pass", "rbn", "-o", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "... building zoo:digits_cnn",
+        "... tracing and applying masks, rbn",
+        f"... writing {out}",
+    ]
+    torch.manual_seed(0)
+    expected = rewriter.rewrite(zoo.create("digits_cnn", width=4), ["masks", "rbn"])
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(eval_out(io.load(out), x), eval_out(expected, x))
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "passes"),
+    [
+        ("zoo:mlp", ["--model-option", "hidden=[8]"], ["--pass", "masks", "--pass", "rbn"]),
+        pytest.param(
+            "zoo:resnet8", [], ["--pass", "masks", "--pass", "rbn"], marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_round_trip_export(
+    tmp_path: Path, model: str, options: list[str], passes: list[str]
+) -> None:
+    """apply --export and export: torch.export.load gives the artifact's eval outputs,
+    for other batch sizes too."""
+    out, program = tmp_path / "m.safetensors", tmp_path / "m.pt2"
+    result = run("apply", model, *options, *passes, "--export", str(program), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == f"... exporting {program} (torch.export, eval mode)"
+    assert result.stdout.splitlines()[-1].startswith(f"wrote {program} (")
+    loaded = io.load(out)
+    x = torch.randn(5, *io.default_inputs(loaded)[0].shape[1:])
+    assert torch.equal(torch.export.load(program).module()(x), eval_out(loaded, x))
+
+    again = tmp_path / "again.pt2"
+    exported = run("export", str(out), "-o", str(again))
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.startswith(f"wrote {again} (")
+    assert torch.equal(torch.export.load(again).module()(x), eval_out(loaded, x))
+    assert_user_error(run("export", str(out), "-o", str(again)), "already exists", "--force")
+    forced = run("export", str(out), "-o", str(again), "--force", "--json")
+    assert json.loads(forced.stdout)["output"] == str(again)
+
+
+def test_apply_to_an_exported_program(tmp_path: Path) -> None:
+    model = zoo.create("digits_cnn", width=4).eval()
+    pt2 = tmp_path / "digits.pt2"
+    torch.export.save(torch.export.export(model, zoo.example_inputs("digits_cnn", width=4)), pt2)
+    out = tmp_path / "lifted.safetensors"
+    result = run("apply", str(pt2), "--pass", "masks", "--pass", "rbn", "--json", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # --json is quiet
+    report = json.loads(result.stdout)
+    assert [(p["name"], p["fired"]) for p in report["passes"]] == [("masks", 5), ("rbn", 4)]
+    assert report["model"]["model"] == str(pt2.resolve()) and report["checked"] is True
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(eval_out(io.load(out), x), model(x))
+
+    more = run("apply", str(out), "--pass", "masks", "-o", str(tmp_path / "more.safetensors"))
+    assert more.exit_code == 0, more.output  # an artifact as MODEL adds passes to it
+    info = run("info", str(tmp_path / "more.safetensors")).stdout
+    assert "  3. masks" in info and f"model: {pt2.resolve()}" in info
+
+
+def test_apply_with_weights(tmp_path: Path) -> None:
+    trained = io.resolve_source("factories:make", {"width": 3})
+    with torch.no_grad():
+        trained.fc.bias.fill_(7.0)
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "net.safetensors"
+    args = ["apply", "factories:make", "--model-option", "width=3", "--pass", "masks"]
+    result = run(*args, "--weights", str(tmp_path / "w.pt"), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert torch.equal(io.load(out).fc.bias, torch.full((3,), 7.0))
+    assert "weights: " in run("info", str(out)).stdout
+
+    bad = run(*args, "--weights", str(tmp_path / "w.pt"), "-o", str(out), "--force")
+    assert bad.exit_code == 0
+    wrong = run(
+        "apply", "factories:make", "--model-option", "width=5", "--weights",
+        str(tmp_path / "w.pt"), "-o", str(tmp_path / "x.safetensors"),
+    )  # fmt: skip
+    assert_user_error(
+        wrong, "do not fit the model", "stem.weight: file (3, 1, 3, 3), model (5, 1, 3, 3)"
+    )
+
+
+# -- pipelines --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_pipelines_are_valid(example: Path) -> None:
+    result = run("check", str(example))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ok: {example}: zoo:")
+
+
+def test_examples_cover_the_shipped_passes() -> None:
+    assert {p.name for p in EXAMPLES} >= {"masks.toml", "rbn.toml"}
+
+
+def test_apply_pipeline_file_with_overrides(tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[model]\nsource = "zoo:mlp"\noptions = { hidden = [8] }\n'
+        '[[pass]]\nname = "masks"\noptions = { exclude = ["layers.2"] }\n'
+        '[output]\npath = "from-file.safetensors"\n'
+    )
+    assert run("apply", "--pipeline", str(pipeline)).exit_code == 0
+    assert io.read_pipeline(tmp_path / "from-file.safetensors")["pass"][0]["name"] == "masks"
+
+    out = tmp_path / "sub" / "cli.safetensors"
+    result = run("apply", "--pipeline", str(pipeline), "-o", str(out), "--input-shape", "64")
+    assert result.exit_code == 0, result.output
+    doc = io.read_pipeline(out)
+    assert doc["input"] == {"shape": [64], "batch": 2, "dtype": "float32"}
+    assert [p["options"]["exclude"] for p in doc["pass"]] == [["layers.2"]]
+
+    no_model = tmp_path / "passes.toml"
+    no_model.write_text('[[pass]]\nname = "rbn"\n')
+    other = tmp_path / "digits.safetensors"
+    result = run("apply", "zoo:digits_cnn", "--pipeline", str(no_model), "-o", str(other))
+    assert result.exit_code == 0, result.output
+    assert io.read_pipeline(other)["model"]["source"] == "zoo:digits_cnn"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["zoo:mlp"], ["MODEL 'zoo:mlp' and the [model] table", "remove one"]),
+        (["--pass", "rbn"], ["--pass cannot be combined with --pipeline"]),
+        (["--model-option", "hidden=[4]"], ["describe MODEL; with --pipeline"]),
+    ],
+)
+def test_pipeline_and_command_line_conflicts(
+    tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[model]\nsource = "zoo:mlp"\n')
+    result = run("apply", "--pipeline", str(pipeline), *args, "-o", str(tmp_path / "o"))
+    assert_user_error(result, *fragments)
+    assert_user_error(run("apply", "--pipeline", str(pipeline)), "nothing to write")
+    assert_user_error(run("apply", "-o", str(tmp_path / "o")), "Missing argument 'MODEL'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml"]
+
+
+def test_check_reports_every_problem(tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[model]\nsource = "zoo:mlp"\n[[pass]]\nname = "mask"\n'
+        '[[pass]]\nname = "rbn"\noptions = { init = 3 }\n[chekcs]\n'
+    )
+    result = run("check", str(pipeline))
+    assert_user_error(result)
+    assert result.stderr.splitlines()[:4] == [
+        f"error: {pipeline}: 3 problems ([[pass]] tables count from 1)",
+        "  chekcs: unknown section (did you mean 'checks'?); sections: model, input, pass, "
+        "checks, output",
+        "  pass[1].name: unknown pass 'mask' (did you mean 'masks'?); valid passes: "
+        + ", ".join(rewriter.registered()),
+        "  pass[2].options.init: expected one of ['preserve', 'paper'], got 3",
+    ]
+    as_json = run("check", "--json", str(pipeline))
+    assert as_json.exit_code == 2
+    assert [p["path"] for p in json.loads(as_json.stdout)["problems"]] == [
+        "chekcs",
+        "pass[1].name",
+        "pass[2].options.init",
+    ]
+    pipeline.write_text('[model]\nsource = "zoo:mlp"\n[[pass]]\nname = "masks"\n')
+    valid = json.loads(run("check", "--json", str(pipeline)).stdout)
+    assert valid["valid"] is True and valid["passes"][0]["name"] == "masks"
+
+
+# -- bad inputs: each a message and exit code 2, nothing written --------------------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (apply arguments before -o, fragments of the error message)."""
+    weights = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(io.resolve_source("factories:make", {}).state_dict(), str(weights))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(weights.read_bytes()[:-50])
+    wide = tmp_path / "wide.safetensors"
+    safetensors.torch.save_file(
+        io.resolve_source("factories:make", {"width": 6}).state_dict(), str(wide)
+    )
+    (tmp_path / "evil.pt").write_bytes(b"")
+    torch.save(Evil(tmp_path / "pwned"), tmp_path / "evil.pt")
+    pipelines = {
+        "unknown_pass.toml": '[model]\nsource = "zoo:mlp"\n[[pass]]\nname = "rnb"\n',
+        "bad_type.toml": '[model]\nsource = "zoo:mlp"\n[[pass]]\nname = "masks"\n'
+        "options = { include = 3 }\n",
+        "malformed.toml": '[model\nsource = "zoo:mlp"\n',
+    }
+    for name, text in pipelines.items():
+        (tmp_path / name).write_text(text)
+    return {
+        "missing model file": (
+            [str(tmp_path / "missing.pt2")],
+            ["no such model file", "missing.pt2"],
+        ),
+        "missing weights": (
+            ["factories:make", "--weights", str(tmp_path / "nope.safetensors")],
+            ["no such file", "nope.safetensors"],
+        ),
+        "truncated weights": (
+            ["factories:make", "--weights", str(truncated)],
+            ["not a readable safetensors file (truncated or damaged)"],
+        ),
+        "truncated artifact": ([str(truncated)], ["not a readable safetensors file"]),
+        "wrong weight shapes": (
+            ["factories:make", "--weights", str(wide)],
+            ["do not fit the model", "fc.weight: file (3, 6), model (3, 4)"],
+        ),
+        "unknown pass": (
+            ["--pipeline", str(tmp_path / "unknown_pass.toml")],
+            ["pass[1].name: unknown pass 'rnb' (did you mean 'rbn'?)"],
+        ),
+        "bad option type": (
+            ["--pipeline", str(tmp_path / "bad_type.toml")],
+            ["pass[1].options.include: expected a list, got 3"],
+        ),
+        "bad option type on the command line": (
+            ["zoo:mlp", "--pass", "masks:include=3"],
+            ["pass 'masks': option 'include': expected a list"],
+        ),
+        "malformed TOML": (
+            ["--pipeline", str(tmp_path / "malformed.toml")],
+            ["malformed.toml: 1 problem", "not valid TOML: Expected ']'"],
+        ),
+        "pickle without the flag": (
+            [str(tmp_path / "evil.pt")],
+            ["refusing to unpickle", "--trust-pickle", "arbitrary code"],
+        ),
+        "pickled weights": (
+            ["factories:make", "--weights", str(tmp_path / "evil.pt")],
+            ["not a plain state dict", "weights_only"],
+        ),
+        "untraceable model": (
+            ["factories:untraceable"],
+            ["cannot trace DataDependent.forward", "factories.py", "torch.where"],
+        ),
+        "input of the wrong shape": (
+            ["zoo:mlp", "--input-shape", "3,8"],
+            ["input: the model fails on the example input (2, 3, 8) float32"],
+        ),
+        "bad input shape": (["zoo:mlp", "--input-shape", "3,x"], ["--input-shape", "3,x"]),
+        "no input for export": (
+            ["factories:make", "--export", str(tmp_path / "m.pt2")],
+            ["output.export: exporting needs an example input"],
+        ),
+    }
+
+
+def test_bad_inputs_end_in_a_message_and_exit_code_2(tmp_path: Path) -> None:
+    files = tmp_path / "files"
+    files.mkdir()
+    cases = _bad_inputs(files)
+    before = sorted(p.name for p in files.iterdir())
+    out = tmp_path / "out.safetensors"
+    for name, (args, fragments) in cases.items():
+        result = run("apply", *args, "-o", str(out))
+        try:
+            assert_user_error(result, *fragments)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {result.stderr}") from exc
+        assert not out.exists(), name
+    assert sorted(p.name for p in files.iterdir()) == before  # no marker file: nothing ran
+    assert not (files / "pwned").exists()
+    assert_user_error(run("inspect", str(files / "evil.pt")), "refusing to unpickle")
+    assert_user_error(run("export", str(files / "evil.pt"), "-o", str(out)), "refusing")
+    assert not (files / "pwned").exists()
+
+
+def test_trusted_pickle_is_loaded(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.pt"
+    torch.save(io.resolve_source("factories:make", {"width": 2}), whole)
+    out = tmp_path / "o.safetensors"
+    result = run("apply", str(whole), "--trust-pickle", "--pass", "rbn", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert_user_error(run("export", str(out), "-o", str(tmp_path / "o.pt2")), "--trust-pickle")
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+def test_inspect_zoo_model_text_and_json() -> None:
+    result = run("inspect", "zoo:resnet8")
+    assert result.exit_code == 0, result.output
+    text = result.stdout.splitlines()
+    assert text[0] == "model: zoo:resnet8"
+    assert "example input: 2x3x32x32" in text
+    layers = next(line for line in text if line.startswith("layers: "))
+    assert "Conv2d 9" in layers and "BatchNorm2d 9" in layers and "Linear 1" in layers
+    assert any(line.startswith("parameters: 78,042 (78,042 trainable)") for line in text)
+    assert any(line.startswith("MACs: ") and "for batch 2" in line for line in text)
+    assert "residual blocks: 3" in text
+    assert any(line.startswith("channel groups: ") for line in text)
+    assert "opaque modules: none" in text
+
+    data = json.loads(run("inspect", "zoo:resnet8", "--json").stdout)
+    assert data["layers"]["Conv2d"] == 9 and data["parameters"] == 78042
+    assert data["residual_blocks"]["count"] == 3
+    assert data["macs"]["total"] > 0 and data["macs"]["batch"] == 2
+    groups = data["channel_groups"]
+    assert groups["count"] == groups["prunable"] + sum(g["groups"] for g in groups["not_prunable"])
+
+
+def test_inspect_factory_with_opaque_module_and_without_input() -> None:
+    result = run("inspect", "factories:make", "--model-option", "opaque=true")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "opaque modules (passes cannot see inside):\n  flip: TraceError" in text
+    assert "MACs: unavailable (needs an example input (give --input-shape))" in text
+    with_input = run(
+        "inspect", "factories:make", "--input-shape", "1,6,6", "--batch", "3", "--json"
+    )
+    data = json.loads(with_input.stdout)
+    assert data["inputs"] == [[3, 1, 6, 6]] and data["macs"]["batch"] == 3
+    assert set(data["opaque"]) == set()
+
+
+# -- info --toml ------------------------------------------------------------------------------
+
+
+def test_info_toml_is_a_pipeline_file(tmp_path: Path) -> None:
+    out = tmp_path / "a.safetensors"
+    assert run("apply", "zoo:mlp", "--pass", "masks", "-o", str(out)).exit_code == 0
+    text = run("info", "--toml", str(out)).stdout
+    (tmp_path / "again.toml").write_text(text)
+    assert run("check", str(tmp_path / "again.toml")).exit_code == 0
+    again = tmp_path / "again.safetensors"
+    result = run("apply", "--pipeline", str(tmp_path / "again.toml"), "-o", str(again))
+    assert result.exit_code == 0, result.output
+    assert io.read_pipeline(again)["pass"] == io.read_pipeline(out)["pass"]
+
+
+@pytest.mark.slow
+def test_subprocess_pipeline_check_apply_export(tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[model]\nsource = "factories:make"\noptions = { width = 3 }\n'
+        "[input]\nshape = [1, 6, 6]\n"
+        '[[pass]]\nname = "masks"\n[[pass]]\nname = "rbn"\n'
+        '[output]\npath = "net.safetensors"\nexport = "net.pt2"\n'
+    )
+    check = _python_m_rewriter("check", str(pipeline), cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout == f"ok: {pipeline}: factories:make; masks, rbn\n"
+
+    applied = _python_m_rewriter("apply", "--pipeline", str(pipeline), "--json", cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stderr == ""
+    report = json.loads(applied.stdout)
+    assert [p["name"] for p in report["passes"]] == ["masks", "rbn"]
+    assert report["export"] == str(tmp_path / "net.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2", "net.safetensors", "p.toml"]
+
+    loaded = io.load(tmp_path / "net.safetensors")
+    x = torch.randn(4, 1, 6, 6)
+    program = torch.export.load(tmp_path / "net.pt2").module()
+    assert torch.equal(program(x), eval_out(loaded, x))
+
+    again = _python_m_rewriter("apply", "--pipeline", str(pipeline), cwd=tmp_path)
+    assert again.returncode == 2
+    assert "output.path: " in again.stderr and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -344,3 +346,228 @@ def test_loaded_artifact_trains_under_compile(tmp_path: Path) -> None:
     again = io.load(io.save(compiled, tmp_path / "trained.safetensors"))
     assert_same_state(again, loaded)
     torch.testing.assert_close(outputs(again, x, train=False), outputs(loaded, x, train=False))
+
+
+# -- model files: formats, .pt2 sources, pickles, weights ------------------------------------
+
+
+class Evil:
+    """Unpickling it creates ``marker``: stands for arbitrary code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pt2(tmp_path: Path, name: str = "digits_cnn", **options) -> tuple[Path, nn.Module]:
+    model = zoo.create(name, **options).eval()
+    path = tmp_path / f"{name}.pt2"
+    torch.export.save(torch.export.export(model, zoo.example_inputs(name, **options)), path)
+    return path, model
+
+
+def test_file_format_reads_only_the_header(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    model = nn.Linear(2, 2)
+    files = {
+        "a.safetensors": lambda p: safetensors.torch.save_file(model.state_dict(), str(p)),
+        "b.pt": lambda p: torch.save(model.state_dict(), p),
+        "c.pt": lambda p: torch.save(model.state_dict(), p, _use_new_zipfile_serialization=False),
+        "d.pkl": lambda p: p.write_bytes(pickle.dumps(Evil(marker), protocol=2)),
+        "e.pt": lambda p: torch.save(Evil(marker), p),
+        "f.zip": lambda p: zipfile.ZipFile(p, "w").writestr("x.txt", "x"),
+        "g.bin": lambda p: p.write_bytes(b"hello world, not a model"),
+        "h.bin": lambda p: p.write_bytes(b""),
+    }
+    for name, write in files.items():
+        write(tmp_path / name)
+    formats = {name: io.file_format(tmp_path / name) for name in files}
+    assert formats == {
+        "a.safetensors": "safetensors",
+        "b.pt": "torch",
+        "c.pt": "pickle",
+        "d.pkl": "pickle",
+        "e.pt": "torch",
+        "f.zip": "zip",
+        "g.bin": "unknown",
+        "h.bin": "unknown",
+    }
+    assert io.file_format(_pt2(tmp_path, "mlp")[0]) == "pt2"
+    assert not marker.exists()
+    with pytest.raises(ArtifactError, match="no such file"):
+        io.file_format(tmp_path / "missing.pt")
+
+
+def test_pt2_source_round_trip_records_path_and_hash(tmp_path: Path) -> None:
+    path, model = _pt2(tmp_path, width=4)
+    source_model = io.resolve_source(str(path))
+    assert source_model.rewriter_source == {
+        "model": str(path.resolve()),
+        "options": {},
+        "sha256": io.sha256_of(path),
+    }
+    inputs = io.default_inputs(source_model)
+    assert torch.equal(inputs[0], zoo.example_inputs("digits_cnn", width=4)[0])
+    gm = rewriter.rewrite(source_model, ["masks", "rbn"], inputs)
+    assert [p.fired for p in rewriter.report(gm).passes] == [5, 4]
+    artifact = io.save(gm, tmp_path / "digits.safetensors")
+    assert io.read_pipeline(artifact)["model"]["sha256"] == io.sha256_of(path)
+
+    loaded = io.load(artifact)
+    assert_same_state(gm, loaded)
+    x = torch.randn(3, 1, 8, 8)
+    expected = outputs(gm, x, train=False)
+    torch.testing.assert_close(outputs(loaded, x, train=False), expected, rtol=0, atol=0)
+    torch.testing.assert_close(expected, model(x))  # masks and rbn preserve the outputs
+
+    path.write_bytes(path.read_bytes() + b"\0")  # still a zip, but not the same file
+    with pytest.raises(ArtifactError, match="changed since the artifact was written"):
+        io.load(artifact)
+    path.unlink()
+    with pytest.raises(ArtifactError, match="no such model file"):
+        io.load(artifact)
+
+
+def test_model_files_take_no_options_and_plain_tensors_are_not_models(tmp_path: Path) -> None:
+    path, _ = _pt2(tmp_path, "mlp")
+    with pytest.raises(ArtifactError, match="options are keyword arguments of factories"):
+        io.resolve_source(str(path), {"hidden": [4]})
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file(nn.Linear(2, 2).state_dict(), str(plain))
+    with pytest.raises(ArtifactError, match="holds tensors only.*--weights"):
+        io.resolve_source(str(plain))
+    with pytest.raises(ArtifactError, match="no such model file"):
+        io.resolve_source(str(tmp_path / "missing.pt2"))
+
+
+def test_artifact_as_source_continues_its_pipeline(tmp_path: Path) -> None:
+    first = io.save(factory_gm(["masks"]), tmp_path / "a.safetensors")
+    gm = rewriter.rewrite(io.resolve_source(str(first)), ["rbn"])
+    assert rewriter.report(gm).pipeline()[0][0] == "masks"
+    second = io.load(io.save(gm, tmp_path / "b.safetensors"))
+    assert [name for name, _ in rewriter.report(second).pipeline()] == ["masks", "rbn"]
+    assert rewriter.report(second).source["model"] == "factories:make"
+
+
+def test_pickled_modules_need_trust_and_are_never_probed_by_unpickling(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save(Evil(marker), evil)
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps(Evil(marker), protocol=2))
+    for path in (evil, raw):
+        with pytest.raises(ArtifactError, match="refusing to unpickle.*--trust-pickle"):
+            io.resolve_source(str(path))
+        with pytest.raises(ArtifactError, match="not a plain state dict.*weights_only"):
+            io.load_weights(path)
+    assert not marker.exists()
+
+    whole = tmp_path / "whole.pt"
+    torch.save(io.resolve_source("factories:make", {"width": 3}), whole)
+    with pytest.raises(ArtifactError, match="refusing to unpickle"):
+        io.resolve_source(str(whole))
+    model = io.resolve_source(str(whole), trust_pickle=True)
+    assert model.rewriter_source["sha256"] == io.sha256_of(whole)
+    artifact = io.save(rewriter.rewrite(model, ["masks"]), tmp_path / "w.safetensors")
+    with pytest.raises(ArtifactError, match="cannot rebuild the source model.*--trust-pickle"):
+        io.load(artifact)
+    assert_same_state(io.load(artifact, trust_pickle=True), rewriter.rewrite(model, ["masks"]))
+
+
+def test_weights_from_safetensors_and_state_dicts(tmp_path: Path) -> None:
+    trained = io.resolve_source("factories:make", {"width": 3})
+    with torch.no_grad():
+        trained.fc.weight.fill_(0.25)
+    safetensors.torch.save_file(trained.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": trained.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    for name in ("w.safetensors", "ckpt.pt"):
+        model = io.resolve_source("factories:make", {"width": 3})
+        io.apply_weights(model, tmp_path / name)
+        assert_same_state(model, trained)
+        assert model.rewriter_source["weights"] == str((tmp_path / name).resolve())
+        assert model.rewriter_source["weights_sha256"] == io.sha256_of(tmp_path / name)
+    gm = rewriter.rewrite(model, ["masks"])
+    doc = io.read_pipeline(io.save(gm, tmp_path / "a.safetensors"))
+    assert doc["model"]["weights"] == str((tmp_path / "ckpt.pt").resolve())
+
+
+def test_weights_that_do_not_fit_list_every_difference(tmp_path: Path) -> None:
+    state = io.resolve_source("factories:make", {"width": 3}).state_dict()
+    del state["stem.weight"]
+    state["fc.weight"] = torch.zeros(5, 3)
+    state["extra"] = torch.zeros(1)
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(state, str(path))
+    model = io.resolve_source("factories:make", {"width": 3})
+    with pytest.raises(ArtifactError) as info:
+        io.apply_weights(model, path)
+    text = str(info.value)
+    assert "missing keys: stem.weight" in text
+    assert "unexpected keys: extra" in text
+    assert "fc.weight: file (5, 3), model (3, 3)" in text
+
+    ddp = {f"module.{k}": v for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(ddp, str(path))
+    with pytest.raises(ArtifactError, match="DistributedDataParallel"):
+        io.apply_weights(model, path)
+
+
+def test_damaged_weight_files(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(nn.Linear(8, 8).state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ArtifactError, match="truncated or damaged"):
+        io.load_weights(path)
+    with pytest.raises(ArtifactError, match="no such file"):
+        io.load_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ArtifactError, match="not a safetensors file or a state dict"):
+        io.load_weights(tmp_path / "notes.txt")
+    pt2, _ = _pt2(tmp_path, "mlp")
+    with pytest.raises(ArtifactError, match="torch.export program; give it as MODEL"):
+        io.load_weights(pt2)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ArtifactError, match="holds a list, not a state dict"):
+        io.load_weights(tmp_path / "list.pt")
+
+
+def test_recorded_input_is_replayed_and_used_for_export(tmp_path: Path) -> None:
+    gm = factory_gm(["masks"], width=3)
+    path = io.save(gm, tmp_path / "a.safetensors", inputs={"shape": [1, 6, 6], "batch": 3})
+    assert io.read_pipeline(path)["input"] == {"shape": [1, 6, 6], "batch": 3, "dtype": "float32"}
+    loaded = io.load(path)
+    assert io.default_inputs(loaded)[0].shape == (3, 1, 6, 6)
+    again = io.load(io.save(rewriter.rewrite(loaded, ["rbn"]), tmp_path / "b.safetensors"))
+    assert io.read_pipeline(tmp_path / "b.safetensors")["input"]["batch"] == 3  # carried on
+    assert io.default_inputs(again)[0].shape == (3, 1, 6, 6)
+    with pytest.raises(ArtifactError, match="cannot record example input"):
+        io.save(gm, tmp_path / "c.safetensors", inputs={"shape": [0, 6], "batch": 1})
+
+
+def test_export_writes_an_equivalent_program_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gm = rewriter.rewrite(zoo.create("digits_cnn", width=4), ["masks", "rbn"])
+    gm.train()
+    x = zoo.example_inputs("digits_cnn", width=4)
+    path = io.export(gm, tmp_path / "digits.pt2", x)
+    assert gm.training  # the model itself is untouched
+    program = torch.export.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x[0]), gm.eval()(x[0]), rtol=0, atol=0)
+    with pytest.raises(ArtifactError, match="already exists"):
+        io.export(gm, path, x)
+
+    def broken(program, f, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.export, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        io.export(gm, tmp_path / "other.pt2", x)
+    with pytest.raises(OSError, match="disk full"):
+        io.export(gm, path, x, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.pt2"]
+    assert torch.export.load(path) is not None  # the old file survived
