@@ -17,6 +17,7 @@ from .modules import RewriterModule
 from .patterns import Match, P, Pattern, Rule
 from .pipeline import PipelineError
 from .registry import Pass, get_pass, make_pass, option, option_specs, register, registered
+from .slim import SlimReport, group_masks, mask_channels, slim
 from .tracing import opaque_modules, trace
 
 __version__ = "0.1.0"
@@ -54,5 +55,9 @@ __all__ = [
     "read_pipeline",
     "rewrite",
     "save",
+    "slim",
+    "SlimReport",
+    "group_masks",
+    "mask_channels",
     "trace",
 ]

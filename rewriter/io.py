@@ -232,11 +232,11 @@ def _file_model(
             "file, or apply the passes to the new one again"
         )
     if kind == "pt2":
-        from . import lift
+        from .lift import example_inputs, lift, load_pt2
 
-        ep = lift.load_pt2(path, trust_pickle=trust_pickle)
-        model: nn.Module = lift.lift(ep)
-        model.meta[INPUTS_KEY] = lift.example_inputs(ep)
+        ep = load_pt2(path, trust_pickle=trust_pickle)
+        model: nn.Module = lift(ep)
+        model.meta[INPUTS_KEY] = example_inputs(ep)
     elif kind in ("torch", "pickle"):
         model = _unpickle_model(path, trust_pickle)
     elif kind == "safetensors":

@@ -1,0 +1,854 @@
+"""Pass ``saliency_gates``: per-sample dynamic channel gates (ManiDP, CVPR 2021; FBS, ICLR 2019).
+
+``act(bn(conv(x))) => gate(act(bn(conv(x))), x)``, the gate computing a per-sample,
+per-channel saliency ``pi`` from the conv's *input* ``x`` and multiplying the channels
+by ``pi * [pi >= threshold]``. Follows ``PAPERS.md`` section 3.
+
+Placement (ManiDP on any residual network):
+
+* one gate per targeted conv, after the conv's BatchNorm and, when one follows, its
+  activation (``conv -> bn -> relu -> gate``; ``conv -> bn -> gate -> + shortcut`` in a
+  residual branch); a conv without a norm is gated after itself (or its activation).
+  The chain is followed only while each node has a single user;
+* not gated: the **stem** (every conv upstream of the first residual block's input, as
+  found by :func:`rewriter.analysis.blocks.residual_blocks`, plus every conv that no
+  other conv or linear layer precedes, i.e. the first conv on each path from the
+  input), the **shortcut / downsample** path of every residual block, and the
+  **classifier** (a conv from which no other conv or linear layer is reachable; linear
+  layers are never gated). On ``digits_cnn`` the two-conv ``stem`` is left alone, on
+  MobileNetV2 every conv before the first inverted residual with an add;
+* ``include`` / ``exclude`` are globs over the conv's qualified name, ``classes`` are
+  class names among ``Conv1d``, ``Conv2d``, ``Conv3d`` (default: all three; transposed
+  convs are never gated).
+
+Gate architectures (each gate is a :class:`SaliencyGate`, named ``<conv>_gate`` with
+dots as underscores: ``layer1.0.conv1`` -> ``layer1_0_conv1_gate``):
+
+* ``style="manidp"`` (default, :class:`ManiDPGate`): global average pool of ``x`` ->
+  ``fc1`` (C_in -> C_out/r, no bias) -> ReLU -> ``fc2`` (C_out/r -> C_out, bias
+  initialised to 1) -> ReLU -> clamp(max 1000). ``r = reduction`` (2), no reduction
+  when ``C_out < 80``. ``fc1`` keeps PyTorch's default init; ``fc2``'s weight is drawn
+  from ``N(0, 0.01^2)`` (our choice: small, so ``pi = relu(1 + small)`` is within a few
+  percent of 1 at insertion, "near 1" as the paper states, but not exactly 1).
+* ``style="fbs"`` (:class:`FBSGate`): one FC (C_in -> C_out, bias 1, weight
+  ``N(0, 0.01^2)``) on the per-channel mean of ``|x|``, ReLU, then winner-take-all per
+  sample: the ``k = ceil(keep * C_out)`` largest saliencies are kept, the rest zeroed.
+  FBS lets the saliency replace BatchNorm's gamma (``relu(pi * (x_hat + beta))``); we
+  keep the BN untouched and multiply its output (after the ReLU, which is the same as
+  before it because ``pi >= 0`` and ReLU is positively homogeneous), so the layer
+  computes ``relu(pi * gamma * x_hat + pi * beta)``: FBS's formula with BN's gamma as an
+  extra learnable per-channel factor (absorbable into the FC for gamma > 0), which
+  keeps a trained model's BN intact. FBS gates are not thresholded
+  (:func:`update_thresholds` leaves them alone) and get the plain L1 penalty only.
+
+Contract: the gates are inserted *open* but not exactly transparent: a ManiDP gate's
+``pi`` is near 1 (so outputs are close to, not equal to, the ungated model's), an FBS
+gate with ``keep < 1`` prunes from the start. ``preserves_outputs`` is therefore
+False. Running the pass twice is a no-op (a conv whose chain already ends in a gate is
+skipped). Everything is tensor arithmetic on buffers (no Python branching on values,
+no hooks): the model compiles with ``torch.compile(fullgraph=True)`` in training and
+eval modes.
+
+Buffers of every gate: ``threshold`` (scalar, 0 at insertion: every channel passes),
+``keep_rate`` (the scheduled keep rate of the current threshold), ``saliency_sum`` /
+``saliency_count`` (per-channel sums of ``pi`` over the training forwards since the
+last threshold update), ``ce_sum`` / ``ce_count`` (per-sample cross-entropies recorded
+by the losses in training) and ``ce_reference`` (``C`` of the complexity weight, 0
+until the first :func:`end_epoch`). The CE buffers are replicated in every gate so that
+each gate's ``aux_loss`` is self-contained; the library always writes them together.
+Every forward also keeps, as plain attributes (not state), the last batch's
+``last_saliency`` (``pi``, with its autograd graph in training), ``last_mask``
+(``pi * [pi >= threshold]``) and ``last_pooled`` (the pooled, ungated layer output),
+which the losses and :func:`dynamic_flops` read. They are dropped when the module is
+copied or pickled.
+
+Training-time functions (all take the rewritten GraphModule):
+
+* :func:`aux_losses` ``(gm, per_sample_ce=...)``: ``lambda_lasso * L_sparse +
+  lambda_graph * L_sim`` of the last forward (also :meth:`SaliencyGate.aux_loss`, the
+  per-gate share, for a library-wide sum); in training mode it records the
+  per-sample CE for the next epoch's complexity weight;
+* :func:`end_epoch` ``(gm, epoch, epochs, target_keep)``: :func:`update_thresholds`
+  plus the CE reference ``C = 0.5 x`` the epoch's mean training CE;
+* :func:`update_thresholds`, :func:`keep_rate`, :func:`gates`,
+  :func:`active_channels`, :func:`dynamic_flops`; the tensor-level losses
+  :func:`sparsity_loss`, :func:`similarity_loss`, :func:`complexity_weights`.
+
+Loss choices where ``PAPERS.md`` leaves room: ``L_sparse`` is the *batch mean* of the
+weighted per-sample terms; the complexity weight is 1 for every sample until a CE
+reference exists (the first epoch is a plain lasso) and the per-sample CE is detached
+(it weights the loss, it is not optimised through it); ``L_sim`` is summed over gated
+layers, with ``T`` from the pooled *ungated* layer output at the gate (the conv's
+output after its BN / activation) and gradients flowing into both ``T`` and ``R``
+(the formula as written; nothing is detached).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from rewriter.analysis.blocks import residual_blocks
+from rewriter.analysis.flops import FlopsReport, flops
+from rewriter.analysis.view import graph
+from rewriter.context import RewriteContext
+from rewriter.errors import RewriterError
+from rewriter.manager import evaluate
+from rewriter.modules import RewriterModule
+from rewriter.patterns import Match, P, Rule
+from rewriter.registry import Pass, option, register
+from rewriter.select import selected
+
+__all__ = [
+    "DynamicFlops",
+    "EpochUpdate",
+    "FBSGate",
+    "ManiDPGate",
+    "SaliencyGate",
+    "SaliencyGates",
+    "active_channels",
+    "aux_losses",
+    "complexity_weights",
+    "dynamic_flops",
+    "end_epoch",
+    "gates",
+    "keep_rate",
+    "similarity_loss",
+    "sparsity_loss",
+    "update_thresholds",
+]
+
+REDUCTION_MIN_CHANNELS = 80
+"""ManiDP's rule: the gate's FC bottleneck uses ``reduction`` only when ``C_out >= 80``."""
+
+SALIENCY_MAX = 1000.0
+"""ManiDP clamps the saliency at this value."""
+
+FC_INIT_STD = 0.01
+"""Standard deviation of the last FC's weight at insertion (small: gates start near 1)."""
+
+CE_REFERENCE_FACTOR = 0.5
+"""``C = CE_REFERENCE_FACTOR x`` the previous epoch's mean training cross-entropy."""
+
+_CONV_CLASSES: dict[str, type[nn.Module]] = {
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
+_NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardtanh,
+)  # fmt: skip
+_ACTIVATION_NAMES = {
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
+    "gelu", "silu", "mish", "hardswish", "hardtanh",
+}  # fmt: skip
+_NORM_NAMES = {"batch_norm", "group_norm", "instance_norm"}
+
+
+# --------------------------------------------------------------------------------------------
+# Gate modules
+# --------------------------------------------------------------------------------------------
+
+
+class SaliencyGate(RewriterModule):
+    """Base of the gates: thresholding, statistics, application and the per-gate losses.
+
+    ``forward(feature, source)`` returns ``feature * mask`` with ``mask = pi * [pi >=
+    threshold]`` of shape (N, C_out) broadcast over the spatial dims, where ``pi`` is
+    :meth:`saliency` of ``source`` (the conv's input). Subclasses define ``saliency``,
+    ``regulariser`` (what the sparsity loss penalises) and ``rewriter_macs``.
+    """
+
+    style: ClassVar[str] = ""
+    adaptive: ClassVar[bool] = False  # complexity-adaptive sparsity weight and L_sim
+    AUX_LOSS_KEYS: ClassVar[frozenset[str]] = frozenset({"per_sample_ce"})
+
+    threshold: Tensor
+    keep_rate: Tensor
+    saliency_sum: Tensor
+    saliency_count: Tensor
+    ce_sum: Tensor
+    ce_count: Tensor
+    ce_reference: Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        layer: str,
+        target_keep: float,
+        lambda_lasso: float,
+        lambda_graph: float,
+        gamma: float,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.layer = layer
+        self.target_keep = target_keep
+        self.lambda_lasso = lambda_lasso
+        self.lambda_graph = lambda_graph
+        self.gamma = gamma
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("keep_rate", torch.ones(()))
+        self.register_buffer("saliency_sum", torch.zeros(out_channels))
+        self.register_buffer("saliency_count", torch.zeros(()))
+        self.register_buffer("ce_sum", torch.zeros(()))
+        self.register_buffer("ce_count", torch.zeros(()))
+        self.register_buffer("ce_reference", torch.zeros(()))
+        self.last_saliency: Tensor | None = None
+        self.last_mask: Tensor | None = None
+        self.last_pooled: Tensor | None = None
+
+    # -- computation -----------------------------------------------------------------------
+    def saliency(self, source: Tensor) -> Tensor:
+        """``pi`` of shape (N, C_out), ``>= 0``, from the conv's input ``source``."""
+        raise NotImplementedError
+
+    def regulariser(self) -> Tensor:
+        """The (N, C_out) tensor the sparsity loss penalises (``pi`` by default)."""
+        return self._last("last_saliency")
+
+    def gate(self, saliency: Tensor) -> Tensor:
+        """The applied mask: the saliency where it reaches the threshold, else 0."""
+        return saliency * (saliency >= self.threshold).to(saliency.dtype)
+
+    def forward(self, feature: Tensor, source: Tensor) -> Tensor:
+        saliency = self.saliency(source)
+        mask = self.gate(saliency)
+        if self.training:
+            with torch.no_grad():
+                self.saliency_sum.add_(saliency.detach().sum(0).to(self.saliency_sum.dtype))
+                self.saliency_count.add_(saliency.shape[0])
+        self.last_saliency = saliency
+        self.last_mask = mask
+        self.last_pooled = feature.mean(dim=tuple(range(2, feature.dim())))
+        return feature * mask.reshape(*mask.shape, *([1] * (feature.dim() - 2)))
+
+    # -- losses (the library-wide protocol) ------------------------------------------------
+    def aux_loss(self, **context: Any) -> Tensor:
+        """This gate's share of the regulariser: ``lambda_lasso * L_sparse + lambda_graph * L_sim``.
+
+        ``context`` may hold ``per_sample_ce`` (an (N,) tensor of the batch's per-sample
+        cross-entropies; other keys are ignored). In training mode the CE is recorded
+        for the next epoch's complexity weight. Summed over all gates this equals
+        :func:`aux_losses`.
+        """
+        return self.loss(context.get("per_sample_ce"))
+
+    def loss(
+        self,
+        per_sample_ce: Tensor | None = None,
+        *,
+        lambda_lasso: float | None = None,
+        lambda_graph: float | None = None,
+        gamma: float | None = None,
+    ) -> Tensor:
+        """:meth:`aux_loss` with explicit coefficients (``None``: the pass's options)."""
+        lasso = self.lambda_lasso if lambda_lasso is None else lambda_lasso
+        graph_weight = self.lambda_graph if lambda_graph is None else lambda_graph
+        gamma = self.gamma if gamma is None else gamma
+        if per_sample_ce is not None and self.training:
+            self.record_ce(per_sample_ce)
+        penalised = self.regulariser()
+        if self.adaptive:
+            total = lasso * sparsity_loss(
+                [penalised], per_sample_ce, ce_reference=self.ce_reference, gamma=gamma
+            )
+            pooled = self._last("last_pooled")
+            return total + graph_weight * similarity_loss([pooled], [self._last("last_saliency")])
+        return lasso * sparsity_loss([penalised])
+
+    def record_ce(self, per_sample_ce: Tensor) -> None:
+        """Add a batch's per-sample cross-entropies to the epoch's CE statistics."""
+        ce = per_sample_ce.detach().flatten()
+        with torch.no_grad():
+            self.ce_sum.add_(ce.sum().to(self.ce_sum))
+            self.ce_count.add_(ce.numel())
+
+    def _last(self, attr: str) -> Tensor:
+        value = getattr(self, attr)
+        if value is None:
+            raise RewriterError(
+                f"gate of {self.layer!r} has not run a forward yet; call the model on a batch "
+                "before asking for its losses or FLOPs"
+            )
+        return value
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # last_* carry autograd graphs: neither copied nor pickled
+        for attr in ("last_saliency", "last_mask", "last_pooled"):
+            state[attr] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer!r}, in_channels={self.in_channels}, "
+            f"out_channels={self.out_channels}, target_keep={self.target_keep}"
+        )
+
+    @staticmethod
+    def _apply_macs(feature_shape: Sequence[int]) -> int:
+        return math.prod(feature_shape)
+
+
+class ManiDPGate(SaliencyGate):
+    """ManiDP: GAP -> fc1 (no bias) -> ReLU -> fc2 (bias 1) -> ReLU -> clamp(max 1000)."""
+
+    style = "manidp"
+    adaptive = True
+
+    def __init__(self, in_channels: int, out_channels: int, *, reduction: int, **kw: Any) -> None:
+        super().__init__(in_channels, out_channels, **kw)
+        hidden = (
+            out_channels if out_channels < REDUCTION_MIN_CHANNELS else out_channels // reduction
+        )
+        self.hidden = max(1, hidden)
+        self.fc1 = nn.Linear(in_channels, self.hidden, bias=False)
+        self.fc2 = nn.Linear(self.hidden, out_channels)
+        with torch.no_grad():
+            nn.init.normal_(self.fc2.weight, std=FC_INIT_STD)
+            self.fc2.bias.fill_(1.0)
+
+    def saliency(self, source: Tensor) -> Tensor:
+        pooled = source.mean(dim=tuple(range(2, source.dim())))
+        return F.relu(self.fc2(F.relu(self.fc1(pooled)))).clamp(max=SALIENCY_MAX)
+
+    def rewriter_macs(self, input_shapes: list[Any], output_shape: Any) -> int:
+        """Pooling, the two FCs and their activations, thresholding, applying the mask."""
+        feature, source = input_shapes[0], input_shapes[1]
+        n = feature[0]
+        fcs = n * (self.in_channels * self.hidden + self.hidden * self.out_channels)
+        pointwise = n * (self.hidden + 5 * self.out_channels)  # relu, bias, relu, clamp, >=, *
+        return math.prod(source) + fcs + pointwise + self._apply_macs(feature)
+
+
+class FBSGate(SaliencyGate):
+    """FBS: FC on per-channel mean |x| -> ReLU -> top-k winner-take-all per sample."""
+
+    style = "fbs"
+
+    def __init__(self, in_channels: int, out_channels: int, **kw: Any) -> None:
+        super().__init__(in_channels, out_channels, **kw)
+        self.k = min(out_channels, max(1, _ceil(self.target_keep * out_channels)))
+        self.fc = nn.Linear(in_channels, out_channels)
+        with torch.no_grad():
+            nn.init.normal_(self.fc.weight, std=FC_INIT_STD)
+            self.fc.bias.fill_(1.0)
+        self.last_scores: Tensor | None = None
+
+    def saliency(self, source: Tensor) -> Tensor:
+        scores = F.relu(self.fc(source.abs().mean(dim=tuple(range(2, source.dim())))))
+        self.last_scores = scores
+        winners = torch.zeros_like(scores).scatter(1, scores.topk(self.k, dim=1).indices, 1.0)
+        return scores * winners
+
+    def regulariser(self) -> Tensor:
+        """FBS's L1 penalty is on the predicted saliencies before the winner-take-all."""
+        return self._last("last_scores")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["last_scores"] = None
+        return state
+
+    def rewriter_macs(self, input_shapes: list[Any], output_shape: Any) -> int:
+        """abs + pooling, the FC, ReLU, top-k selection, thresholding, applying the mask."""
+        feature, source = input_shapes[0], input_shapes[1]
+        n = feature[0]
+        fc = n * (self.in_channels * self.out_channels + self.out_channels)
+        pointwise = n * 5 * self.out_channels  # relu, top-k compare, winner product, >=, *
+        return 2 * math.prod(source) + fc + pointwise + self._apply_macs(feature)
+
+
+GATES: dict[str, type[SaliencyGate]] = {"manidp": ManiDPGate, "fbs": FBSGate}
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+@register
+@dataclass(frozen=True)
+class SaliencyGates(Pass):
+    """act(bn(conv(x))) => gate(act(bn(conv(x))), x): per-sample channel gates (ManiDP/FBS).
+
+    Adds one gate module ``<conv>_gate`` per targeted conv (see the module docs).
+    """
+
+    name = "saliency_gates"
+    preserves_outputs = False
+
+    style: Literal["manidp", "fbs"] = option(
+        "manidp", "'manidp': two-FC gate with thresholds; 'fbs': one FC with per-sample top-k"
+    )
+    reduction: int = option(2, "ManiDP gate bottleneck C_out/r (no reduction when C_out < 80)")
+    keep: float = option(
+        0.6, "target keep rate (ManiDP: end of the threshold schedule; FBS: top-k fraction d)"
+    )
+    lambda_lasso: float = option(0.1, "weight of the sparsity loss in aux_losses")
+    lambda_graph: float = option(0.1, "weight of the manifold similarity loss in aux_losses")
+    gamma: float = option(1.0, "exponent of the complexity-adaptive sparsity weight")
+    include: tuple[str, ...] = option((), "globs of qualified conv names to gate (empty: all)")
+    exclude: tuple[str, ...] = option((), "globs of qualified conv names to leave ungated")
+    classes: tuple[str, ...] = option(
+        (), "conv class names to gate, e.g. ['Conv2d'] (empty: Conv1d/2d/3d)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.style not in GATES:
+            raise ValueError(f"style must be one of {sorted(GATES)}, got {self.style!r}")
+        if self.reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {self.reduction}")
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"keep must lie in (0, 1], got {self.keep}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        unknown = sorted(set(self.classes) - set(_CONV_CLASSES))
+        if unknown:
+            raise ValueError(
+                f"classes {unknown} cannot be gated; supported: {sorted(_CONV_CLASSES)}"
+            )
+
+    def apply(self, gm: fx.GraphModule, ctx: RewriteContext) -> None:
+        targets = self.targets(gm, ctx)
+
+        def gate_conv(ctx: RewriteContext, m: Match) -> fx.Node | None:
+            # conv(x) .. anchor -> gate(anchor, x); the conv node itself is unchanged
+            return self.insert_gate(ctx, m["conv"]) if m["conv"].name in targets else None
+
+        ctx.apply_rules(
+            [Rule(P.module(*_CONV_CLASSES.values(), name="conv"), gate_conv, "gate_conv")]
+        )
+
+    def targets(self, gm: fx.GraphModule, ctx: RewriteContext) -> set[str]:
+        """Names of the conv nodes to gate; the excluded ones are named in the report."""
+        modules = dict(gm.named_modules())
+        convs = [n for n in gm.graph.nodes if _is_conv(modules, n)]
+        stem, shortcut, classifier = _excluded(gm, modules)
+        targets: set[str] = set()
+        skipped: dict[str, list[str]] = {"stem": [], "shortcut": [], "classifier": []}
+        for node in convs:
+            name = str(node.target)
+            if not selected(
+                name,
+                modules[name],
+                include=self.include,
+                exclude=self.exclude,
+                classes=self.classes,
+            ):
+                continue
+            reason = (
+                "stem" if node.name in stem
+                else "shortcut" if node.name in shortcut
+                else "classifier" if node.name in classifier
+                else None
+            )  # fmt: skip
+            if reason is None:
+                targets.add(node.name)
+            else:
+                skipped[reason].append(name)
+        for reason, names in skipped.items():
+            if names:
+                ctx.note(f"not gated ({reason}): {', '.join(names)}")
+        return targets
+
+    def insert_gate(self, ctx: RewriteContext, conv: fx.Node) -> fx.Node | None:
+        anchor = _anchor(ctx.gm, conv)
+        after = _only_user(anchor)
+        if (
+            after is not None
+            and after.op == "call_module"
+            and isinstance(ctx.module(after), SaliencyGate)
+        ):
+            return None  # already gated
+        if not conv.args or not isinstance(conv.args[0], fx.Node):
+            ctx.note(f"{conv.target}: input not passed positionally; not gated")
+            return None
+        module = ctx.module(conv)
+        ref = module.weight
+        gate = GATES[self.style](
+            module.in_channels,
+            module.out_channels,
+            layer=str(conv.target),
+            target_keep=self.keep,
+            lambda_lasso=self.lambda_lasso,
+            lambda_graph=self.lambda_graph,
+            gamma=self.gamma,
+            **({"reduction": self.reduction} if self.style == "manidp" else {}),
+        ).to(device=ref.device, dtype=ref.dtype)
+        name = ctx.add_module(conv, "gate", gate)
+        with ctx.graph.inserting_after(anchor):
+            node = ctx.call_module(name, (anchor, conv.args[0]))
+        stack = _containers(anchor)
+        if stack is not None:  # the gate belongs to the block its anchor is in
+            node.meta["nn_module_stack"] = {**stack, name: (name, type(gate))}
+        anchor.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        return conv
+
+
+def _containers(node: fx.Node) -> dict[str, Any] | None:
+    """``node``'s ``nn_module_stack`` without the entry of the module it calls."""
+    stack = node.meta.get("nn_module_stack")
+    if stack is None:
+        return None
+    return {
+        key: value
+        for key, value in stack.items()
+        if not (node.op == "call_module" and _path(value) == node.target)
+    }
+
+
+def _path(entry: Any) -> str:
+    return entry[0] if isinstance(entry, tuple) else str(entry)
+
+
+def _ceil(value: float) -> int:
+    """``ceil`` that ignores float noise (``0.6 * 10`` is 6, not 7)."""
+    return math.ceil(value - 1e-9)
+
+
+def _is_conv(modules: Mapping[str, nn.Module], node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = modules[str(node.target)]
+    return isinstance(module, tuple(_CONV_CLASSES.values())) and not module.transposed
+
+
+def _is_layer(modules: Mapping[str, nn.Module], node: fx.Node) -> bool:
+    """A conv or linear layer (module or functional): what stem and classifier count."""
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], (nn.modules.conv._ConvNd, nn.Linear))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name in {"conv1d", "conv2d", "conv3d", "linear", "matmul", "mm", "bmm"}
+    return False
+
+
+def _excluded(
+    gm: fx.GraphModule, modules: Mapping[str, nn.Module]
+) -> tuple[set[str], set[str], set[str]]:
+    """Conv node names of the stem, the shortcuts and the classifier (see the module docs)."""
+    view = graph(gm)
+    blocks = residual_blocks(gm)
+    layers = {n.name for n in gm.graph.nodes if _is_layer(modules, n)}
+    convs = {n.name for n in gm.graph.nodes if _is_conv(modules, n)}
+    stem = {c for c in convs if not (nx.ancestors(view, c) & layers)}
+    if blocks:
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        first = min(blocks, key=lambda b: order[b.input]).input
+        stem |= (nx.ancestors(view, first) | {first}) & convs
+    shortcut = {n for b in blocks for n in b.shortcut} & convs
+    classifier = {c for c in convs if not (nx.descendants(view, c) & layers)}
+    return stem, shortcut, classifier
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    """The single user of ``node`` when it reads ``node`` as its first argument."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].args and users[0].args[0] is node:
+        return users[0]
+    return None
+
+
+def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _NORMS)
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in _NORM_NAMES
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _ACTIVATION_MODULES)
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return name in _ACTIVATION_NAMES
+    return False
+
+
+def _anchor(gm: fx.GraphModule, conv: fx.Node) -> fx.Node:
+    """The node the gate follows: conv, then its norm, then the activation, while single-use."""
+    node = conv
+    nxt = _only_user(node)
+    if nxt is not None and _is_norm(gm, nxt):
+        node, nxt = nxt, _only_user(nxt)
+    if nxt is not None and _is_activation(gm, nxt):
+        node = nxt
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Losses (tensor level)
+# --------------------------------------------------------------------------------------------
+
+
+def complexity_weights(
+    per_sample_ce: Tensor, ce_reference: Tensor | float, gamma: float = 1.0
+) -> Tensor:
+    """ManiDP's per-sample weight ``lambda(x_i) / lambda' = [J_i < C] * ((C - J_i) / C)^gamma``.
+
+    ``per_sample_ce`` holds ``J_i`` (detached here); ``ce_reference`` is ``C``. While
+    ``C <= 0`` (no epoch recorded yet) every weight is 1.
+    """
+    ce = per_sample_ce.detach()
+    c = torch.as_tensor(ce_reference, dtype=ce.dtype, device=ce.device)
+    known = c > 0
+    safe = torch.where(known, c, torch.ones_like(c))
+    weight = ((safe - ce) / safe).clamp(min=0.0).pow(gamma) * (ce < safe).to(ce.dtype)
+    return torch.where(known, weight, torch.ones_like(weight))
+
+
+def sparsity_loss(
+    saliencies: Sequence[Tensor],
+    per_sample_ce: Tensor | None = None,
+    *,
+    ce_reference: Tensor | float = 0.0,
+    gamma: float = 1.0,
+) -> Tensor:
+    """``mean_i w_i * sum_l mean_c pi_l[i, c]`` over the gated layers' (N, C_l) saliencies.
+
+    ``w_i`` is :func:`complexity_weights` of ``per_sample_ce`` (all 1 without it).
+    """
+    if not saliencies:
+        raise RewriterError("sparsity_loss needs at least one (N, C) saliency tensor")
+    per_sample = torch.stack([s.mean(dim=1) for s in saliencies]).sum(0)
+    if per_sample_ce is None:
+        return per_sample.mean()
+    weights = complexity_weights(per_sample_ce, ce_reference, gamma).to(per_sample)
+    return (weights * per_sample).mean()
+
+
+def _cosine_gram(x: Tensor) -> Tensor:
+    unit = F.normalize(x.flatten(1), dim=1, eps=1e-12)
+    return unit @ unit.t()
+
+
+def similarity_loss(features: Sequence[Tensor], saliencies: Sequence[Tensor]) -> Tensor:
+    """``sum_l ||T_l - R_l||_F^2 / B^2`` with cosine Gram matrices (B x B).
+
+    ``features[l]`` are the pooled layer outputs (B, C_l) giving ``T_l``,
+    ``saliencies[l]`` the gate vectors (B, C_l) giving ``R_l``.
+    """
+    if len(features) != len(saliencies) or not features:
+        raise RewriterError("similarity_loss needs one feature and one saliency tensor per layer")
+    terms = []
+    for feature, saliency in zip(features, saliencies, strict=True):
+        b = feature.shape[0]
+        terms.append((_cosine_gram(feature) - _cosine_gram(saliency)).square().sum() / (b * b))
+    return torch.stack(terms).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Training-time functions (GraphModule level)
+# --------------------------------------------------------------------------------------------
+
+
+def gates(gm: nn.Module) -> dict[str, SaliencyGate]:
+    """Every saliency gate of ``gm`` by qualified module name, in registration order."""
+    return {name: m for name, m in gm.named_modules() if isinstance(m, SaliencyGate)}
+
+
+def _gates(gm: nn.Module) -> dict[str, SaliencyGate]:
+    found = gates(gm)
+    if not found:
+        raise RewriterError("this model has no saliency gates; run the 'saliency_gates' pass first")
+    return found
+
+
+def aux_losses(
+    gm: nn.Module,
+    per_sample_ce: Tensor | None = None,
+    *,
+    lambda_lasso: float | None = None,
+    lambda_graph: float | None = None,
+    gamma: float | None = None,
+) -> Tensor:
+    """``lambda_lasso * L_sparse + lambda_graph * L_sim`` of the gates' last forward.
+
+    ``per_sample_ce`` is the batch's unreduced cross-entropy, shape (N,) (e.g.
+    ``F.cross_entropy(logits, y, reduction="none")``); it sets ManiDP's per-sample
+    sparsity weight and, in training mode, is recorded for the next epoch's reference
+    ``C``. Coefficients default to the pass's options. A training step reads::
+
+        ce = F.cross_entropy(gm(x), y, reduction="none")
+        loss = ce.mean() + aux_losses(gm, per_sample_ce=ce)
+
+    FBS gates contribute ``lambda_lasso`` times the plain L1 of their saliencies.
+    """
+    terms = [
+        g.loss(per_sample_ce, lambda_lasso=lambda_lasso, lambda_graph=lambda_graph, gamma=gamma)
+        for g in _gates(gm).values()
+    ]
+    return torch.stack(terms).sum()
+
+
+def keep_rate(epoch: int, epochs: int, target_keep: float) -> float:
+    """Cosine keep-rate schedule: 1 at epoch 0, ``target_keep`` from epoch ``epochs`` on.
+
+    ``keep(e) = target + (1 - target) * (1 + cos(pi * min(e, epochs) / epochs)) / 2``.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    progress = min(max(epoch, 0), epochs) / epochs
+    return target_keep + (1.0 - target_keep) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def update_thresholds(
+    gm: nn.Module, epoch: int, epochs: int, target_keep: float | None = None
+) -> dict[str, float]:
+    """Set every ManiDP gate's threshold for the epoch after ``epoch``; return them by layer.
+
+    Call at the end of (0-based) training epoch ``epoch`` of a schedule of ``epochs``
+    epochs: the keep rate is ``keep_rate(epoch + 1, epochs, target)`` (so the threshold
+    after the last epoch is the target's; epochs past ``epochs`` keep the target), and
+    ``thr_l`` is the ``k``-th largest per-channel mean of ``pi`` over the training
+    samples seen since the previous update, ``k = ceil(keep * C_out)``. The statistics
+    are then reset. ``target_keep`` defaults to the pass's ``keep`` option. FBS gates
+    (top-k, no threshold) are left unchanged. :func:`end_epoch` also updates the CE
+    reference of the sparsity weight.
+    """
+    out: dict[str, float] = {}
+    for name, gate in _gates(gm).items():
+        if not gate.adaptive:
+            continue
+        count = float(gate.saliency_count)
+        if count <= 0:
+            raise RewriterError(
+                f"gate {name!r} saw no training samples since the last threshold update; "
+                "run training-mode forwards before update_thresholds()"
+            )
+        target = gate.target_keep if target_keep is None else target_keep
+        if not 0.0 < target <= 1.0:
+            raise RewriterError(f"target_keep must lie in (0, 1], got {target}")
+        rate = keep_rate(epoch + 1, epochs, target)
+        k = min(gate.out_channels, max(1, _ceil(rate * gate.out_channels)))
+        with torch.no_grad():
+            means = gate.saliency_sum / count
+            value = means.topk(k).values[-1]
+            gate.threshold.copy_(value)
+            gate.keep_rate.fill_(rate)
+            gate.saliency_sum.zero_()
+            gate.saliency_count.zero_()
+        out[name] = float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class EpochUpdate:
+    """What :func:`end_epoch` set: the keep rate, thresholds by gate, and ``C``."""
+
+    keep_rate: float
+    thresholds: dict[str, float]
+    ce_reference: float
+
+
+def end_epoch(
+    gm: nn.Module, epoch: int, epochs: int, target_keep: float | None = None
+) -> EpochUpdate:
+    """End of training epoch ``epoch``: :func:`update_thresholds` and the new CE reference.
+
+    ``C = 0.5 x`` the mean of the per-sample CEs recorded by the losses during the
+    epoch (unchanged when none were recorded); the CE statistics are then reset.
+    """
+    found = _gates(gm)
+    thresholds = update_thresholds(gm, epoch, epochs, target_keep)
+    first = next(iter(found.values()))
+    reference = float(first.ce_reference)
+    if float(first.ce_count) > 0:
+        reference = CE_REFERENCE_FACTOR * float(first.ce_sum / first.ce_count)
+    with torch.no_grad():
+        for gate in found.values():
+            gate.ce_reference.fill_(reference)
+            gate.ce_sum.zero_()
+            gate.ce_count.zero_()
+    target = first.target_keep if target_keep is None else target_keep
+    return EpochUpdate(keep_rate(epoch + 1, epochs, target), thresholds, reference)
+
+
+def active_channels(gm: nn.Module) -> Tensor:
+    """Per sample of the last forward, the number of gated channels executed (N,)."""
+    counts = [(g._last("last_mask") > 0).sum(1) for g in _gates(gm).values()]
+    return torch.stack(counts).sum(0)
+
+
+@dataclass(frozen=True)
+class DynamicFlops:
+    """Per-sample executed MACs under the gates (see :func:`dynamic_flops`).
+
+    Attributes:
+        per_sample: float64 (N,) MACs each sample executes, gate overhead included.
+        dense: MACs per sample of the ungated model (the same graph without the gates).
+        gate_macs: MACs per sample spent in the gates themselves.
+        kept: per gated conv node, the (N,) fraction of its output channels executed.
+        report: the underlying :class:`~rewriter.analysis.flops.FlopsReport`.
+    """
+
+    per_sample: Tensor
+    dense: float
+    gate_macs: float
+    kept: dict[str, Tensor]
+    report: FlopsReport
+
+    @property
+    def mean(self) -> float:
+        """Mean executed MACs per sample."""
+        return float(self.per_sample.mean())
+
+    @property
+    def reduction(self) -> float:
+        """Mean fraction of the ungated model's MACs saved (gate overhead counted)."""
+        return 1.0 - self.mean / self.dense if self.dense else 0.0
+
+
+def dynamic_flops(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | Tensor) -> DynamicFlops:
+    """Each sample's executed MACs given its gates, and the mean reduction vs the ungated model.
+
+    Runs ``gm`` once in eval mode (no grad; modes restored). A conv executes only the
+    output channels its gate keeps for that sample (``pi >= threshold``), and the next
+    conv only those input channels: the kept fraction is passed to
+    :func:`rewriter.analysis.flops.flops` as ``channel_keep`` on the gated conv's node,
+    from where it flows through its norm and activation. The gates' own MACs
+    (``rewriter_macs``) are included; ``dense`` is the graph's cost without them.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    found = _gates(gm)
+    evaluate(gm, inputs)
+    modules = dict(gm.named_modules())
+    keep: dict[str, Tensor] = {}
+    gate_nodes: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or str(node.target) not in found:
+            continue
+        gate = found[str(node.target)]
+        fraction = (gate._last("last_mask") > 0).to(torch.float64).mean(1)
+        keep[_gated_layer(gm, modules, node)] = fraction
+        gate_nodes.add(node.name)
+    report = flops(gm, inputs, channel_keep=keep)
+    batch = report.batch
+    gate_total = sum(r.macs for r in report.rows if r.name in gate_nodes)
+    dense = (report.total_macs - gate_total) / batch
+    return DynamicFlops(report.per_sample, dense, gate_total / batch, keep, report)
+
+
+def _gated_layer(gm: fx.GraphModule, modules: Mapping[str, nn.Module], gate: fx.Node) -> str:
+    """The conv node a gate node follows (through its norm / activation), else the gate."""
+    node = gate.args[0]
+    while isinstance(node, fx.Node):
+        if _is_conv(modules, node):
+            return node.name
+        if not (_is_norm(gm, node) or _is_activation(gm, node)) or not node.args:
+            break
+        node = node.args[0]
+    return gate.name
