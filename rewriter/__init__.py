@@ -12,6 +12,7 @@ from .context import RewriteContext
 from .errors import ArtifactError, OptionError, PassError, RewriterError, TraceError
 from .io import export, load, read_pipeline, save
 from .lift import LiftError, lift, load_pt2
+from .losses import aux_losses
 from .manager import Checks, PassRecord, Report, report
 from .modules import RewriterModule
 from .patterns import Match, P, Pattern, Rule
@@ -40,6 +41,7 @@ __all__ = [
     "RewriterModule",
     "Rule",
     "TraceError",
+    "aux_losses",
     "export",
     "get_pass",
     "lift",
