@@ -35,7 +35,7 @@ from .lottery_imp import (
     imp,
     imp_control,
     imp_prune,
-    reinitialize,
+    resample_weights,
     rewind,
     save_state,
 )
@@ -90,7 +90,7 @@ __all__ = [
     "prune",
     "random_prune",
     "random_scores",
-    "reinitialize",
+    "resample_weights",
     "rewind",
     "save_state",
     "snip",

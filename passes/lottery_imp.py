@@ -229,14 +229,14 @@ def imp_control(
                 mask = mask.flatten()[torch.randperm(mask.numel(), generator=gen)].view(mask.shape)
             set_mask(gm, name, mask)
         if kind == "reinit":
-            reinitialize(gm, seed + ticket.round)
+            resample_weights(gm, seed + ticket.round)
         run = TrainRun(ticket.round, result.rewind_step, result.rewind_step)
         metric = float(train_fn(gm, run))
         out.append(_record(gm, ticket.round, metric, keep_classifier, layers))
     return out
 
 
-def reinitialize(gm: nn.Module, seed: int) -> None:
+def resample_weights(gm: nn.Module, seed: int) -> None:
     """Fresh weights: ``reset_parameters()`` of every submodule that has it, under ``seed``.
 
     Masks are buffers and stay as they are; BatchNorm running statistics are reset too.

@@ -13,9 +13,11 @@ Pruning never revives a weight, so running a pass twice is a no-op. None preserv
 outputs (except at density 1).
 
 ``snip`` and ``grasp`` need training batches, which options cannot hold: in Python, use
-``Snip.with_data(batches, density=0.1)`` as the pass (a saved pipeline records only the
-options, and replaying it raises a clear error), or call :func:`lottery_scores.snip` on a
-masked model. Used without data they raise an error saying so.
+``Snip.with_data(batches, density=0.1)`` as the pass, or call :func:`lottery_scores.snip`
+on a model rewritten with ``masks``. Used without data they raise an error saying so. A
+saved pipeline records only the options, so ``rewriter.load`` cannot replay a
+``with_data`` pass (it raises that error); the function route saves and loads normally
+(the masks are buffers).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class _PruningPass(Pass):
         ctx.note(f"kept {live:,} of {total:,} prunable weights ({live / total:.2%})")
 
     def prune(self, gm: fx.GraphModule, layers: list[str]) -> None:
-        raise NotImplementedError
+        """Apply the criterion to the masked ``layers`` (each pass defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define prune()")
 
     def _common(self, layers: list[str]) -> dict[str, Any]:
         return {"scope": self.scope, "keep_classifier": self.keep_classifier, "layers": layers}
@@ -162,8 +165,13 @@ class _DataPass(_PruningPass):
     def with_data(
         cls, data: Iterable[Batch], loss_fn: LossFn = F.cross_entropy, **options: Any
     ) -> _DataPass:
-        """This pass with training batches attached (Python only: a saved pipeline keeps the
-        options, not the data, so replaying it raises a clear error)."""
+        """This pass with training batches attached, for a pipeline built in Python.
+
+        A saved pipeline keeps the options, not the data, so ``rewriter.load`` (which
+        replays the pipeline) cannot rebuild such a model and says why. For a model to
+        save, rewrite with ``masks`` and call :func:`snip` / :func:`grasp`: the masks are
+        buffers, saved and loaded with the weights.
+        """
         the_pass = make_pass((cls.name, options))
         object.__setattr__(the_pass, "_data", _batches(data, cls.name))
         object.__setattr__(the_pass, "_loss_fn", loss_fn)

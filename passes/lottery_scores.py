@@ -29,9 +29,10 @@ outputs, i.e. the classifier, or each head of a multi-head model) out of the poo
 ``density`` then counts the other layers only.
 
 Departures from the reference code, none of which changes which weights a criterion
-prefers: scores are not normalised (SNIP and GraSP divide by a positive sum); SNIP and
-GraSP differentiate with respect to the weights instead of the masks (equal for live
-weights, which are the only ones ranked); densities are hit exactly instead of
+prefers: scores are not normalised (SNIP and GraSP divide by a positive sum); SNIP
+differentiates with respect to the weights instead of the masks (equal for live weights,
+which are the only ones ranked); random scores are uniform instead of normal (either way
+a uniformly random ranking); densities are hit exactly instead of
 thresholding with ``<=`` (which removes every weight tied at the threshold); the model's
 parameters, buffers, gradients and training modes are restored exactly after scoring
 (the reference code multiplies the signs back and leaves ``.grad`` filled). Scoring runs

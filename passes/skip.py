@@ -35,7 +35,7 @@ Policy (one sample per forward, shared by the batch, as in AdaShare):
 * blocks outside the curriculum (``learned == 0``) use exactly ``(1, 0)``.
 
 The active task is the ``task`` buffer, set by :func:`set_task` and read with tensor
-indexing, so switching tasks never recompiles a ``torch.compile`` d model (a Python
+indexing, so switching tasks never recompiles a compiled model (measured: a Python
 integer attribute would be guarded on and recompile once per task). ``self.training``
 is a module flag, so train and eval each compile once. Every op is a tensor op: the
 model compiles with ``fullgraph=True``.
@@ -54,7 +54,10 @@ Training-time functions (all take the rewritten GraphModule): :func:`set_task`,
 :func:`aux_losses` (also :meth:`SkipPolicy.aux_loss`, for a library-wide sum), and at the
 end :func:`sample_policy` / :func:`argmax_policy` and :func:`freeze`, which returns one
 GraphModule per task with skipped blocks *removed* (their branch nodes and modules are
-gone; the block's value is its shortcut) and selected blocks without the mix.
+gone; the block's value is its shortcut) and selected blocks without the mix. ``freeze``
+runs the second pass of this module, ``skip_freeze`` (:class:`SkipFreeze`, options
+``select`` and ``task``), so each frozen graph's pipeline records its policy and
+:func:`rewriter.save` / :func:`rewriter.load` round-trip it.
 
 Choices where ``PAPERS.md`` leaves room:
 
@@ -62,8 +65,8 @@ Choices where ``PAPERS.md`` leaves room:
   the mean over all ``L`` blocks with the blocks the curriculum forces to select counting
   0: they are not pushed towards skip before they can learn (the authors' code also
   restricts it to the learned blocks), and the push per block stays the same as the
-  curriculum grows (the code's mean over the learned blocks only pushes the first
-  learned block ``L`` times harder, which on digits skips every block as it enters);
+  curriculum grows (the code's mean over the learned blocks pushes the first block to
+  enter the curriculum, alone, ``L`` times harder than once all ``L`` blocks learn);
 * sharing loss: ``sum_{i<j} sum_l w_l |logits[i, l, select] - logits[j, l, select]|`` on
   the raw logits over all blocks; ``w_l = (L - l) / L`` with ``l = 0..L-1`` (``"paper"``:
   1 for the first block down to ``1/L``), ``"code"`` is the authors' ``(l + 1) / L``, or
@@ -77,7 +80,6 @@ Choices where ``PAPERS.md`` leaves room:
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +89,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from rewriter.analysis.blocks import ResidualBlock, residual_blocks
+from rewriter.api import rewrite
 from rewriter.context import RewriteContext
 from rewriter.errors import RewriterError
 from rewriter.modules import RewriterModule
@@ -96,6 +99,7 @@ from rewriter.select import selected
 __all__ = [
     "SELECT",
     "SKIP",
+    "SkipFreeze",
     "SkipGates",
     "SkipMix",
     "SkipPolicy",
@@ -147,6 +151,8 @@ class SkipPolicy(RewriterModule):
     ``forward()`` takes no input and returns the ``(blocks, 2)`` policy ``[p_select,
     p_skip]`` of the task in the ``task`` buffer (see the module docs for each mode).
     """
+
+    AUX_LOSS_KEYS: frozenset[str] = frozenset()  # aux_loss reads no context
 
     def __init__(
         self,
@@ -457,18 +463,19 @@ def argmax_policy(gm: nn.Module) -> Tensor:
     return (select | _forced(policy)).cpu()
 
 
-def freeze(gm: fx.GraphModule, policy: Tensor | Sequence[Sequence[bool]]) -> list[fx.GraphModule]:
+def freeze(
+    gm: fx.GraphModule,
+    policy: Tensor | Sequence[Sequence[bool]],
+    example_inputs: Sequence[Tensor] | Tensor | None = None,
+) -> list[fx.GraphModule]:
     """One GraphModule per task with its fixed policy: skipped blocks are removed.
 
     ``policy`` is ``(tasks, blocks)`` bool (``True`` = select), e.g. from
-    :func:`sample_policy` or :func:`argmax_policy`. In task ``k``'s graph a selected
-    block computes without the mix; a skipped block's value is its shortcut, and its
-    branch, add and activation nodes and their modules are deleted (nested blocks inside
-    it go with it). ``skip_policy`` and every ``*_skip`` module are gone. Each graph is a
-    deep copy of ``gm`` (same outputs, e.g. every head of a multi-task model), with
-    ``meta["skip_gates_policy"] = {"task": k, "selected": [...], "skipped": [...]}``.
-    A branch that mutates the block input in place would change the shortcut's value
-    in ``gm`` but not in the frozen graph; the zoo's blocks and traced models do not.
+    :func:`sample_policy` or :func:`argmax_policy`. Task ``k``'s graph is
+    ``rewriter.rewrite(gm, [("skip_freeze", {"task": k, "select": policy[k]})])``
+    (see :class:`SkipFreeze`): a new GraphModule (``gm`` is not changed) whose pipeline
+    records the policy, so :func:`rewriter.save` / :func:`rewriter.load` round-trip it.
+    ``example_inputs`` enable the pass manager's shape check (zoo models have defaults).
     """
     owner = skip_policy(gm)
     select = torch.as_tensor(policy, dtype=torch.bool).cpu()
@@ -477,38 +484,64 @@ def freeze(gm: fx.GraphModule, policy: Tensor | Sequence[Sequence[bool]]) -> lis
         raise RewriterError(
             f"policy must have shape (tasks, blocks) = {expected}, got {tuple(select.shape)}"
         )
-    return [_freeze_task(gm, select[k], k) for k in range(owner.tasks)]
+    return [
+        rewrite(gm, [SkipFreeze(task=k, select=tuple(select[k].tolist()))], example_inputs)
+        for k in range(owner.tasks)
+    ]
 
 
-def _freeze_task(gm: fx.GraphModule, select: Tensor, task: int) -> fx.GraphModule:
-    frozen = copy.deepcopy(gm)
-    graph = frozen.graph
-    modules = dict(frozen.named_modules())
-    dead: list[fx.Node] = []
-    for node in list(graph.nodes):
-        mix = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(mix, SkipMix):
-            continue
-        block_out, shortcut, _ = node.args
-        keep = bool(select[mix.index])
-        node.replace_all_uses_with(block_out if keep else shortcut)
-        graph.erase_node(node)
-        if not keep:
-            dead.append(block_out)
-    for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), SkipPolicy):
-            dead.append(node)
-    _erase_dead(graph, dead)
-    graph.lint()
-    frozen.delete_all_unused_submodules()
-    frozen.recompile()
-    labels = skip_policy(gm).blocks
-    frozen.meta["skip_gates_policy"] = {
-        "task": task,
-        "selected": [b for b, s in zip(labels, select.tolist(), strict=True) if s],
-        "skipped": [b for b, s in zip(labels, select.tolist(), strict=True) if not s],
-    }
-    return frozen
+@register
+@dataclass(frozen=True)
+class SkipFreeze(Pass):
+    """p_select * block + p_skip * shortcut => block (select) or shortcut (skip, block removed)."""
+
+    name = "skip_freeze"
+
+    select: tuple[bool, ...] = option((), "one per gated block: true keeps it, false removes it")
+    task: int = option(0, "the task this policy belongs to (recorded in meta['skip_gates_policy'])")
+
+    def apply(self, gm: fx.GraphModule, ctx: RewriteContext) -> None:
+        """Selected blocks lose the mix; skipped ones become their shortcut and are deleted.
+
+        Every node that only a skipped block's output read (its branch, add and
+        activation, and blocks nested inside it) is erased, so the pass manager deletes
+        their modules; ``skip_policy`` and the ``*_skip`` modules go too. A branch that
+        mutated the block input in place would have changed the shortcut's value in the
+        gated graph but not here; the zoo's blocks and traced models do not do that.
+        """
+        owner = skip_policy(gm)
+        if len(self.select) != len(owner.blocks) or not 0 <= self.task < owner.tasks:
+            raise RewriterError(
+                f"skip_freeze needs select with one entry per gated block ({len(owner.blocks)}: "
+                f"{', '.join(owner.blocks)}) and task in [0, {owner.tasks}); got "
+                f"{len(self.select)} entries and task {self.task}"
+            )
+        graph = gm.graph
+        modules = dict(gm.named_modules())
+        dead: list[fx.Node] = []
+        for node in list(graph.nodes):
+            module = modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(module, SkipPolicy):
+                dead.append(node)
+            if not isinstance(module, SkipMix):
+                continue
+            ctx.current_node = node.name
+            block_out, shortcut, _ = node.args
+            keep = self.select[module.index]
+            node.replace_all_uses_with(block_out if keep else shortcut)
+            graph.erase_node(node)
+            if keep:
+                ctx.matches["selected block: gate removed"] += 1
+            else:
+                dead.append(block_out)
+                ctx.matches["skipped block: removed"] += 1
+        ctx.current_node = None
+        _erase_dead(graph, dead)
+        gm.meta["skip_gates_policy"] = {
+            "task": self.task,
+            "selected": [b for b, s in zip(owner.blocks, self.select, strict=True) if s],
+            "skipped": [b for b, s in zip(owner.blocks, self.select, strict=True) if not s],
+        }
 
 
 def _erase_dead(graph: fx.Graph, roots: Sequence[fx.Node]) -> None:
