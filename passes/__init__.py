@@ -1,13 +1,19 @@
 """Built-in passes, one module per technique. Importing this package registers them."""
 
-from . import lottery, masks, norm, saliency, split
+from . import lottery, masks, norm, saliency, skip, split
 from .lottery import GraSP, Magnitude, RandomPrune, Snip, SynFlow
 from .masks import Masks
 from .norm import RBN, RepresentativeBatchNorm2d
 from .saliency import FBSGate, ManiDPGate, SaliencyGate, SaliencyGates
+from .skip import SkipFreeze, SkipGates, SkipMix, SkipPolicy
 from .split import Split
 
 __all__ = [
+    "SkipFreeze",
+    "SkipGates",
+    "SkipMix",
+    "SkipPolicy",
+    "skip",
     "GraSP",
     "Magnitude",
     "RandomPrune",

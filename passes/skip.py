@@ -51,7 +51,8 @@ other options could not be honoured silently).
 Training-time functions (all take the rewritten GraphModule): :func:`set_task`,
 :func:`decay_temperature`, :func:`curriculum` / :func:`set_learned_blocks`,
 :func:`policy_parameters`, the losses :func:`sparsity_loss`, :func:`sharing_loss` and
-:func:`aux_losses` (also :meth:`SkipPolicy.aux_loss`, for a library-wide sum), and at the
+:func:`aux_losses` (:meth:`SkipPolicy.aux_loss` adds the same sum to
+:func:`rewriter.aux_losses`), and at the
 end :func:`sample_policy` / :func:`argmax_policy` and :func:`freeze`, which returns one
 GraphModule per task with skipped blocks *removed* (their branch nodes and modules are
 gone; the block's value is its shortcut) and selected blocks without the mix. ``freeze``

@@ -35,14 +35,10 @@ def aux_losses(gm: nn.Module, **context: Any) -> Tensor:
             "no inserted module defines aux_loss; run a pass with losses first "
             "(e.g. saliency_gates or skip_gates)"
         )
-    declared: set[str] = set()
-    for m in modules:
-        keys = getattr(type(m), "AUX_LOSS_KEYS", None)
-        if keys is None:
-            declared = set()  # a module without a declaration may read anything
-            break
-        declared |= set(keys)
-    unknown = sorted(set(context) - declared) if declared else []
+    # A module without a declaration may read anything, so only check when all declare.
+    checked = all(getattr(type(m), "AUX_LOSS_KEYS", None) is not None for m in modules)
+    declared = set().union(*(getattr(type(m), "AUX_LOSS_KEYS", ()) or () for m in modules))
+    unknown = sorted(set(context) - declared) if checked else []
     if unknown:
         raise RewriterError(
             f"aux_losses got unknown context {unknown}; the inserted modules read "

@@ -55,7 +55,10 @@ def values_for(tp: Any) -> st.SearchStrategy[Any]:
 
 @st.composite
 def pass_tables(draw: st.DrawFn) -> dict[str, Any]:
-    passes = rewriter.registered()
+    # Built-in passes only: other test modules register deliberately broken passes.
+    passes = {
+        n: c for n, c in rewriter.registered().items() if c.__module__.startswith("rewriter.passes")
+    }
     name = draw(st.one_of(st.sampled_from(sorted(passes)), st.sampled_from(["mask", "rbnn", ""])))
     table: dict[str, Any] = {"name": name}
     if name in passes and draw(st.booleans()):

@@ -36,3 +36,11 @@ def test_aux_losses_rejects_unknown_context_and_plain_models():
         rw.aux_losses(gm, per_sample_cee=torch.zeros(4))
     with pytest.raises(rw.RewriterError, match="no inserted module defines aux_loss"):
         rw.aux_losses(rw.rewrite(zoo.create("resnet8"), ["masks"]))
+
+
+def test_aux_losses_checks_keys_even_when_modules_read_none():
+    gm = rw.rewrite(zoo.create("resnet8"), ["skip_gates"])
+    gm(*zoo.example_inputs("resnet8"))
+    assert rw.aux_losses(gm).ndim == 0
+    with pytest.raises(rw.RewriterError, match="unknown context"):
+        rw.aux_losses(gm, per_sampel_ce=torch.zeros(2))
