@@ -95,7 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from rewriter.analysis.blocks import residual_blocks
+from rewriter.analysis.blocks import ACTIVATION_MODULES, ACTIVATION_NAMES, residual_blocks
 from rewriter.analysis.flops import FlopsReport, flops
 from rewriter.analysis.view import graph
 from rewriter.context import RewriteContext
@@ -143,14 +143,6 @@ _CONV_CLASSES: dict[str, type[nn.Module]] = {
     "Conv3d": nn.Conv3d,
 }
 _NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
-_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardtanh,
-)  # fmt: skip
-_ACTIVATION_NAMES = {
-    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
-    "gelu", "silu", "mish", "hardswish", "hardtanh",
-}  # fmt: skip
 _NORM_NAMES = {"batch_norm", "group_norm", "instance_norm"}
 
 
@@ -571,10 +563,10 @@ def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _ACTIVATION_MODULES)
+        return isinstance(gm.get_submodule(str(node.target)), ACTIVATION_MODULES)
     if node.op in ("call_function", "call_method"):
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        return name in _ACTIVATION_NAMES
+        return name in ACTIVATION_NAMES
     return False
 
 

@@ -50,11 +50,11 @@ _MAX_SHORTCUT = 6  # longest projection chain accepted (conv, norm, pooling, ide
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
 
-_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Hardswish, nn.Hardtanh,
 )  # fmt: skip
-_ACTIVATION_NAMES = {
+ACTIVATION_NAMES = {
     "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
     "gelu", "silu", "mish", "hardswish", "hardtanh",
 }  # fmt: skip
@@ -123,10 +123,10 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     module = _module(gm, node)
     if module is not None:
-        return isinstance(module, _ACTIVATION_MODULES)
+        return isinstance(module, ACTIVATION_MODULES)
     if node.op in ("call_function", "call_method"):
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        return name in _ACTIVATION_NAMES
+        return name in ACTIVATION_NAMES
     return False
 
 
