@@ -24,10 +24,9 @@ import argparse
 import copy
 import math
 import time
-from collections import OrderedDict
 
 import torch
-from torch import nn
+from plain_cnn import plain_cnn  # examples/plain_cnn.py
 
 import rewriter as rw
 import rewriter.passes.lottery as lt
@@ -36,23 +35,6 @@ from rewriter.datasets import digits
 from rewriter.passes.masks import get_masks
 
 METHODS = ("magnitude", "snip", "grasp", "synflow")
-
-
-def plain_cnn(widths: tuple[int, ...] = (16, 32, 64, 64)) -> nn.Sequential:
-    """conv-BN-ReLU blocks (max pool after the second), global average pool, linear."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    channels = 1
-    for i, width in enumerate(widths, start=1):
-        layers[f"conv{i}"] = nn.Conv2d(channels, width, 3, padding=1, bias=False)
-        layers[f"bn{i}"] = nn.BatchNorm2d(width)
-        layers[f"relu{i}"] = nn.ReLU()
-        if i == 2:
-            layers["pool"] = nn.MaxPool2d(2)
-        channels = width
-    layers["gap"] = nn.AdaptiveAvgPool2d(1)
-    layers["flatten"] = nn.Flatten()
-    layers["fc"] = nn.Linear(channels, 10)
-    return nn.Sequential(layers)
 
 
 def main() -> None:
@@ -69,7 +51,9 @@ def main() -> None:
     order = torch.randperm(len(x_train), generator=gen)[:256]
     batches = [(x_train[i], y_train[i]) for i in order.split(64)]
     torch.manual_seed(args.seed)
-    model = plain_cnn() if args.model == "cnn" else zoo.create("mlp", hidden=(256,) * 4)
+    model = (
+        plain_cnn((16, 32, 64, 64)) if args.model == "cnn" else zoo.create("mlp", hidden=(256,) * 4)
+    )
     base = rw.rewrite(model, ["masks"], (x_train[:2],))
     sizes = {name: mask.numel() for name, mask in get_masks(base).items()}
     total = sum(sizes.values())

@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from plain_cnn import plain_cnn  # examples/plain_cnn.py
 from torch import Tensor, nn
 
 import rewriter as rw
@@ -36,23 +36,6 @@ import rewriter.passes.lottery as lt
 from rewriter.datasets import digits
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def plain_cnn(widths: tuple[int, ...] = (32, 32, 64, 64)) -> nn.Sequential:
-    """conv-BN-ReLU blocks (max pool after the second), global average pool, linear."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    channels = 1
-    for i, width in enumerate(widths, start=1):
-        layers[f"conv{i}"] = nn.Conv2d(channels, width, 3, padding=1, bias=False)
-        layers[f"bn{i}"] = nn.BatchNorm2d(width)
-        layers[f"relu{i}"] = nn.ReLU()
-        if i == 2:
-            layers["pool"] = nn.MaxPool2d(2)
-        channels = width
-    layers["gap"] = nn.AdaptiveAvgPool2d(1)
-    layers["flatten"] = nn.Flatten()
-    layers["fc"] = nn.Linear(channels, 10)
-    return nn.Sequential(layers)
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -99,7 +82,7 @@ def run_seed(seed: int, args: argparse.Namespace, verbose: bool) -> dict[str, fl
     data = digits(seed=seed)
     example = (data[0][:2],)
     torch.manual_seed(seed)
-    gm = rw.trace(plain_cnn())
+    gm = rw.trace(plain_cnn((32, 32, 64, 64)))
     detector = lt.EarlyBird(ratio=args.ratio)
     early: dict[str, object] = {}
     if verbose:
