@@ -33,7 +33,14 @@ import torch
 
 import rewriter
 import rewriter.passes.lottery as lt
-from bench.train_step import Variant, compiled_graphs, make_step, print_table, timed_rounds
+from bench.train_step import (
+    Variant,
+    compiled_graphs,
+    make_step,
+    print_table,
+    ratio_rows,
+    timed_rounds,
+)
 from rewriter import zoo
 from rewriter.passes.masks import get_masks
 
@@ -148,28 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             update()
         density = lt.current_density(masked)
         timed_rounds(variants, args.warmup, args.steps)
-        med = {v.label: statistics.median(v.times) * 1e3 for v in variants}
         print(f"\n-- {label}: density {density:.2%} --")
-        rows = [
-            [
-                "variant",
-                "eager ms/step",
-                "x dense",
-                "compiled ms/step",
-                "x dense",
-                "compiled speedup",
-            ]
-        ]
-        for name in models:
-            e = med[f"{name}/eager"]
-            row = [name, f"{e:.1f}", f"{e / med['dense/eager']:.2f}"]
-            if args.no_compile:
-                row += ["-", "-", "-"]
-            else:
-                c = med[f"{name}/compiled"]
-                row += [f"{c:.1f}", f"{c / med['dense/compiled']:.2f}", f"{e / c:.2f}"]
-            rows.append(row)
-        print_table(rows)
+        print_table(ratio_rows(variants, models, "dense", compiled=not args.no_compile))
         if not args.no_compile:
             graphs = compiled_graphs() - graphs_before
             print(f"graphs compiled for the timed variants so far: {graphs} (one per variant: 2)")

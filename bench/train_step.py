@@ -157,6 +157,25 @@ def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def ratio_rows(
+    variants: Sequence[Variant], models: Sequence[str], baseline: str, *, compiled: bool
+) -> list[list[str]]:
+    """Median ms/step of each model, eager and compiled, as ratios to ``baseline``."""
+    med = {v.label: statistics.median(v.times) * 1e3 for v in variants}
+    rows = [["variant", "eager ms/step", f"x {baseline}", "compiled ms/step", f"x {baseline}",
+             "compiled speedup"]]  # fmt: skip
+    for name in models:
+        e = med[f"{name}/eager"]
+        row = [name, f"{e:.1f}", f"{e / med[f'{baseline}/eager']:.2f}"]
+        if compiled:
+            c = med[f"{name}/compiled"]
+            row += [f"{c:.1f}", f"{c / med[f'{baseline}/compiled']:.2f}", f"{e / c:.2f}"]
+        else:
+            row += ["-", "-", "-"]
+        rows.append(row)
+    return rows
+
+
 def print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
@@ -237,27 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = sparsity(masked)["global"]
         print(f"\n== sparsity {target:.0%} (measured {measured:.1%}) ==")
         timed_rounds(variants, args.warmup, args.steps)
-        med = {v.label: statistics.median(v.times) * 1e3 for v in variants}
-        rows = [
-            [
-                "variant",
-                "eager ms/step",
-                "x plain",
-                "compiled ms/step",
-                "x plain",
-                "compiled speedup",
-            ]
-        ]
-        for name in models:
-            e = med[f"{name}/eager"]
-            row = [name, f"{e:.1f}", f"{e / med['plain/eager']:.2f}"]
-            if args.no_compile:
-                row += ["-", "-", "-"]
-            else:
-                c = med[f"{name}/compiled"]
-                row += [f"{c:.1f}", f"{c / med['plain/compiled']:.2f}", f"{e / c:.2f}"]
-            rows.append(row)
-        print_table(rows)
+        print_table(ratio_rows(variants, models, "plain", compiled=not args.no_compile))
         zero_grads = all(
             bool((dict(masked.named_modules())[n].weight.grad[masks[n] == 0] == 0).all())
             for n in layers
