@@ -2,7 +2,8 @@
 
 ``act(bn(conv(x))) => gate(act(bn(conv(x))), x)``, the gate computing a per-sample,
 per-channel saliency ``pi`` from the conv's *input* ``x`` and multiplying the channels
-by ``pi * [pi >= threshold]``. Follows ``PAPERS.md`` section 3.
+by ``pi * [pi >= threshold]``. The math, defaults and deviations from the authors' code
+are written up in ``docs/methods/manidp_fbs.md``.
 
 Placement (ManiDP on any residual network):
 
@@ -25,14 +26,23 @@ Gate architectures (each gate is a :class:`SaliencyGate`, named ``<conv>_gate`` 
 dots as underscores: ``layer1.0.conv1`` -> ``layer1_0_conv1_gate``):
 
 * ``style="manidp"`` (default, :class:`ManiDPGate`): global average pool of ``x`` ->
-  ``fc1`` (C_in -> C_out/r, no bias) -> ReLU -> ``fc2`` (C_out/r -> C_out, bias
-  initialised to 1) -> ReLU -> clamp(max 1000). ``r = reduction`` (2), no reduction
-  when ``C_out < 80``. ``fc1`` keeps PyTorch's default init; ``fc2``'s weight is drawn
-  from ``N(0, 0.01^2)`` (our choice: small, so ``pi = relu(1 + small)`` is within a few
-  percent of 1 at insertion, "near 1" as the paper states, but not exactly 1).
-* ``style="fbs"`` (:class:`FBSGate`): one FC (C_in -> C_out, bias 1, weight
-  ``N(0, 0.01^2)``) on the per-channel mean of ``|x|``, ReLU, then winner-take-all per
-  sample: the ``k = ceil(keep * C_out)`` largest saliencies are kept, the rest zeroed.
+  ``fc1`` (C_in -> C_out/r', no bias) -> ReLU -> ``fc2`` (C_out/r' -> C_out, bias
+  initialised to 1) -> ReLU -> clamp(max 1000), with the authors' bottleneck rule
+  ``r' = reduction`` (2) when ``C_out >= 80`` and ``r' = reduction // 2`` below (so
+  ``reduction=2`` means no reduction for narrow layers and ``reduction=4`` gives 2;
+  ``reduction=1`` keeps 1 where the authors' code would divide by zero).
+* ``style="fbs"`` (:class:`FBSGate`): one FC (C_in -> C_out, bias 1) on the
+  per-channel mean of ``|x|``, ReLU, then winner-take-all per sample: the ``k =
+  ceil(keep * C_out)`` largest saliencies are kept, the rest zeroed.
+* ``init="identity"`` (default): the last FC's weight is 0 and its bias 1, so every
+  ``pi`` is exactly 1 at insertion in training *and* eval mode whatever the input
+  scale (``fc1`` gets the authors' ``kaiming_normal_``). **Deviation** from the
+  authors, who draw both FC weights with ``kaiming_normal_`` (``init="paper"``): their
+  ``pi`` then tracks the scale of the pooled input, which in a deep net in eval mode
+  reaches the 1000 clamp and blows the outputs up (a ResNet-50's logits went from
+  about 50 to 3e26). With the identity init the gates start transparent and learn to
+  depart from 1; the first backward step moves only ``fc2`` (``fc1``'s gradient is
+  ``fc2.weight = 0`` times something).
   FBS lets the saliency replace BatchNorm's gamma (``relu(pi * (x_hat + beta))``); we
   keep the BN untouched and multiply its output (after the ReLU, which is the same as
   before it because ``pi >= 0`` and ReLU is positively homogeneous), so the layer
@@ -41,10 +51,10 @@ dots as underscores: ``layer1.0.conv1`` -> ``layer1_0_conv1_gate``):
   keeps a trained model's BN intact. FBS gates are not thresholded
   (:func:`update_thresholds` leaves them alone) and get the plain L1 penalty only.
 
-Contract: the gates are inserted *open* but not exactly transparent: a ManiDP gate's
-``pi`` is near 1 (so outputs are close to, not equal to, the ungated model's), an FBS
-gate with ``keep < 1`` prunes from the start. ``preserves_outputs`` is therefore
-False. Running the pass twice is a no-op (a conv whose chain already ends in a gate is
+Contract: with ``init="identity"`` a ManiDP gate (and an FBS gate with ``keep=1``) is
+exactly the identity at insertion, so ``preserves_outputs`` holds and the pass manager
+checks it; with ``init="paper"``, or an FBS gate with ``keep < 1`` (which prunes to its
+top-k from the start), it does not. Running the pass twice is a no-op (a conv whose chain already ends in a gate is
 skipped). Everything is tensor arithmetic on buffers (no Python branching on values,
 no hooks): the model compiles with ``torch.compile(fullgraph=True)`` in training and
 eval modes.
@@ -53,8 +63,8 @@ Buffers of every gate: ``threshold`` (scalar, 0 at insertion: every channel pass
 ``keep_rate`` (the scheduled keep rate of the current threshold), ``saliency_sum`` /
 ``saliency_count`` (per-channel sums of ``pi`` over the training forwards since the
 last threshold update), ``ce_sum`` / ``ce_count`` (per-sample cross-entropies recorded
-by the losses in training) and ``ce_reference`` (``C`` of the complexity weight, 0
-until the first :func:`end_epoch`). The CE buffers are replicated in every gate so that
+by the losses in training) and ``ce_reference`` (``C`` of the complexity weight: 0, meaning "weight 1 for every
+sample", until :func:`init_ce_reference` or the first :func:`end_epoch` sets it). The CE buffers are replicated in every gate so that
 each gate's ``aux_loss`` is self-contained; the library always writes them together.
 Every forward also keeps, as plain attributes (not state), the last batch's
 ``last_saliency`` (``pi``, with its autograd graph in training), ``last_mask``
@@ -68,15 +78,22 @@ Training-time functions (all take the rewritten GraphModule):
   lambda_graph * L_sim`` of the last forward (also :meth:`SaliencyGate.aux_loss`, the
   per-gate share, for a library-wide sum); in training mode it records the
   per-sample CE for the next epoch's complexity weight;
+* :func:`init_ce_reference` ``(gm, batches)``: before training, ``C`` for the first
+  epoch from the (pretrained) network's mean cross-entropy on the training set, as the
+  authors do;
 * :func:`end_epoch` ``(gm, epoch, epochs, target_keep)``: :func:`update_thresholds`
-  plus the CE reference ``C = 0.5 x`` the epoch's mean training CE;
+  plus the CE reference ``C = 0.5 x`` the epoch's mean training CE. As in the
+  authors' code the thresholds are first set at the end of epoch 1 (``start_epoch=1``;
+  the statistics of epoch 0 are discarded), for the keep rate of the next epoch;
 * :func:`update_thresholds`, :func:`keep_rate`, :func:`gates`,
   :func:`active_channels`, :func:`dynamic_flops`; the tensor-level losses
   :func:`sparsity_loss`, :func:`similarity_loss`, :func:`complexity_weights`.
 
-Loss choices where ``PAPERS.md`` leaves room: ``L_sparse`` is the *batch mean* of the
-weighted per-sample terms; the complexity weight is 1 for every sample until a CE
-reference exists (the first epoch is a plain lasso) and the per-sample CE is detached
+Loss choices: ``L_sparse`` is the *batch mean* of the weighted per-sample terms (ManiDP:
+mean over channels, as the authors' code; FBS: ``fbs_l1="sum"`` over channels, the
+paper's L1 norm, by default, ``"mean"`` optional); the complexity weight is 1 for every
+sample while no CE reference exists (call :func:`init_ce_reference` before training to
+follow the authors; without it the first epoch is a plain lasso), and the per-sample CE is detached
 (it weights the loss, it is not optimised through it); ``L_sim`` is summed over gated
 layers, with ``T`` from the pooled *ungated* layer output at the gate (the conv's
 output after its BN / activation) and gradients flowing into both ``T`` and ``R``
@@ -86,7 +103,7 @@ output after its BN / activation) and gradients flowing into both ``T`` and ``R`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -103,7 +120,16 @@ from rewriter.errors import RewriterError
 from rewriter.manager import evaluate
 from rewriter.modules import RewriterModule
 from rewriter.patterns import Match, P, Rule
-from rewriter.registry import Pass, option, register
+from rewriter.registry import (
+    Pass,
+    anything,
+    at_least,
+    choices,
+    nonnegative,
+    option,
+    register,
+    unit_interval,
+)
 from rewriter.select import selected
 
 __all__ = [
@@ -119,6 +145,7 @@ __all__ = [
     "dynamic_flops",
     "end_epoch",
     "gates",
+    "init_ce_reference",
     "keep_rate",
     "similarity_loss",
     "sparsity_loss",
@@ -126,13 +153,13 @@ __all__ = [
 ]
 
 REDUCTION_MIN_CHANNELS = 80
-"""ManiDP's rule: the gate's FC bottleneck uses ``reduction`` only when ``C_out >= 80``."""
+"""ManiDP's rule: the bottleneck is ``reduction`` when ``C_out >= 80``, else ``reduction // 2``."""
 
 SALIENCY_MAX = 1000.0
 """ManiDP clamps the saliency at this value."""
 
-FC_INIT_STD = 0.01
-"""Standard deviation of the last FC's weight at insertion (small: gates start near 1)."""
+INITS = ("identity", "paper")
+"""Gate initialisations: exact identity at insertion (default) or the authors' kaiming_normal_."""
 
 CE_REFERENCE_FACTOR = 0.5
 """``C = CE_REFERENCE_FACTOR x`` the previous epoch's mean training cross-entropy."""
@@ -259,7 +286,7 @@ class SaliencyGate(RewriterModule):
             )
             pooled = self._last("last_pooled")
             return total + graph_weight * similarity_loss([pooled], [self._last("last_saliency")])
-        return lasso * sparsity_loss([penalised])
+        return lasso * sparsity_loss([penalised], channels=getattr(self, "l1", "mean"))
 
     def record_ce(self, per_sample_ce: Tensor) -> None:
         """Add a batch's per-sample cross-entropies to the epoch's CE statistics."""
@@ -295,23 +322,50 @@ class SaliencyGate(RewriterModule):
         return math.prod(feature_shape)
 
 
+def _check_init(init: str) -> None:
+    if init not in INITS:
+        raise RewriterError(f"gate init must be one of {list(INITS)}, got {init!r}")
+
+
+def _init_last_fc(fc: nn.Linear, init: str) -> None:
+    """Bias 1; weight 0 (``identity``: ``pi`` is exactly 1) or ``kaiming_normal_`` (``paper``)."""
+    with torch.no_grad():
+        if init == "identity":
+            fc.weight.zero_()
+        else:
+            nn.init.kaiming_normal_(fc.weight)
+        fc.bias.fill_(1.0)
+
+
+def bottleneck(out_channels: int, reduction: int) -> int:
+    """Width of ManiDP's hidden FC layer by the authors' rule (see the module docs)."""
+    ratio = reduction if out_channels >= REDUCTION_MIN_CHANNELS else max(1, reduction // 2)
+    return max(1, out_channels // ratio)
+
+
 class ManiDPGate(SaliencyGate):
     """ManiDP: GAP -> fc1 (no bias) -> ReLU -> fc2 (bias 1) -> ReLU -> clamp(max 1000)."""
 
     style = "manidp"
     adaptive = True
 
-    def __init__(self, in_channels: int, out_channels: int, *, reduction: int, **kw: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        reduction: int,
+        init: str = "identity",
+        **kw: Any,
+    ) -> None:
         super().__init__(in_channels, out_channels, **kw)
-        hidden = (
-            out_channels if out_channels < REDUCTION_MIN_CHANNELS else out_channels // reduction
-        )
-        self.hidden = max(1, hidden)
+        _check_init(init)
+        self.hidden = bottleneck(out_channels, reduction)
         self.fc1 = nn.Linear(in_channels, self.hidden, bias=False)
         self.fc2 = nn.Linear(self.hidden, out_channels)
         with torch.no_grad():
-            nn.init.normal_(self.fc2.weight, std=FC_INIT_STD)
-            self.fc2.bias.fill_(1.0)
+            nn.init.kaiming_normal_(self.fc1.weight)
+        _init_last_fc(self.fc2, init)
 
     def saliency(self, source: Tensor) -> Tensor:
         pooled = source.mean(dim=tuple(range(2, source.dim())))
@@ -327,17 +381,31 @@ class ManiDPGate(SaliencyGate):
 
 
 class FBSGate(SaliencyGate):
-    """FBS: FC on per-channel mean |x| -> ReLU -> top-k winner-take-all per sample."""
+    """FBS: FC on per-channel mean |x| -> ReLU -> top-k winner-take-all per sample.
+
+    ``l1="sum"`` (default, the paper's L1 norm) penalises the sum of the saliencies over
+    the channels, ``"mean"`` their mean (``C_out`` times weaker).
+    """
 
     style = "fbs"
 
-    def __init__(self, in_channels: int, out_channels: int, **kw: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        init: str = "identity",
+        l1: str = "sum",
+        **kw: Any,
+    ) -> None:
         super().__init__(in_channels, out_channels, **kw)
+        _check_init(init)
+        if l1 not in ("sum", "mean"):
+            raise RewriterError(f"FBS l1 must be 'sum' or 'mean', got {l1!r}")
+        self.l1 = l1
         self.k = min(out_channels, max(1, _ceil(self.target_keep * out_channels)))
         self.fc = nn.Linear(in_channels, out_channels)
-        with torch.no_grad():
-            nn.init.normal_(self.fc.weight, std=FC_INIT_STD)
-            self.fc.bias.fill_(1.0)
+        _init_last_fc(self.fc, init)
         self.last_scores: Tensor | None = None
 
     def saliency(self, source: Tensor) -> Tensor:
@@ -381,27 +449,57 @@ class SaliencyGates(Pass):
     """
 
     name = "saliency_gates"
-    preserves_outputs = False
 
     style: Literal["manidp", "fbs"] = option(
-        "manidp", "'manidp': two-FC gate with thresholds; 'fbs': one FC with per-sample top-k"
+        "manidp",
+        "'manidp': two-FC gate with thresholds; 'fbs': one FC with per-sample top-k",
+        choices("manidp", "fbs"),
     )
-    reduction: int = option(2, "ManiDP gate bottleneck C_out/r (no reduction when C_out < 80)")
+    init: Literal["identity", "paper"] = option(
+        "identity",
+        "'identity': last FC weight 0, bias 1, pi == 1 at insertion (outputs preserved); "
+        "'paper': the authors' kaiming_normal_ on the FC weights",
+        choices("identity", "paper"),
+    )
+    reduction: int = option(
+        2,
+        "ManiDP gate bottleneck C_out/r; r // 2 when C_out < 80 (the authors' rule)",
+        at_least(1),
+    )
+    fbs_l1: Literal["sum", "mean"] = option(
+        "sum",
+        "FBS sparsity penalty over channels: 'sum' (the paper's L1 norm) or 'mean'",
+        choices("sum", "mean"),
+    )
     keep: float = option(
-        0.6, "target keep rate (ManiDP: end of the threshold schedule; FBS: top-k fraction d)"
+        0.6,
+        "target keep rate (ManiDP: end of the threshold schedule; FBS: top-k fraction d)",
+        unit_interval(low_open=True),
     )
-    lambda_lasso: float = option(0.1, "weight of the sparsity loss in aux_losses")
-    lambda_graph: float = option(0.1, "weight of the manifold similarity loss in aux_losses")
-    gamma: float = option(1.0, "exponent of the complexity-adaptive sparsity weight")
-    include: tuple[str, ...] = option((), "globs of qualified conv names to gate (empty: all)")
-    exclude: tuple[str, ...] = option((), "globs of qualified conv names to leave ungated")
+    lambda_lasso: float = option(0.1, "weight of the sparsity loss in aux_losses", nonnegative())
+    lambda_graph: float = option(
+        0.1, "weight of the manifold similarity loss in aux_losses", nonnegative()
+    )
+    gamma: float = option(1.0, "exponent of the complexity-adaptive sparsity weight", nonnegative())
+    include: tuple[str, ...] = option(
+        (), "globs of qualified conv names to gate (empty: all)", anything()
+    )
+    exclude: tuple[str, ...] = option(
+        (), "globs of qualified conv names to leave ungated", anything()
+    )
     classes: tuple[str, ...] = option(
-        (), "conv class names to gate, e.g. ['Conv2d'] (empty: Conv1d/2d/3d)"
+        (),
+        "conv class names to gate, e.g. ['Conv2d'] (empty: Conv1d/2d/3d)",
+        choices(*_CONV_CLASSES),
     )
 
     def __post_init__(self) -> None:
         if self.style not in GATES:
             raise ValueError(f"style must be one of {sorted(GATES)}, got {self.style!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if self.fbs_l1 not in ("sum", "mean"):
+            raise ValueError(f"fbs_l1 must be 'sum' or 'mean', got {self.fbs_l1!r}")
         if self.reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {self.reduction}")
         if not 0.0 < self.keep <= 1.0:
@@ -413,6 +511,11 @@ class SaliencyGates(Pass):
             raise ValueError(
                 f"classes {unknown} cannot be gated; supported: {sorted(_CONV_CLASSES)}"
             )
+
+    @property
+    def preserves_outputs(self) -> bool:  # type: ignore[override]
+        """Identity init: ManiDP gates are exactly 1; FBS only when its top-k keeps all."""
+        return self.init == "identity" and (self.style == "manidp" or self.keep == 1.0)
 
     def apply(self, gm: fx.GraphModule, ctx: RewriteContext) -> None:
         targets = self.targets(gm, ctx)
@@ -479,7 +582,8 @@ class SaliencyGates(Pass):
             lambda_lasso=self.lambda_lasso,
             lambda_graph=self.lambda_graph,
             gamma=self.gamma,
-            **({"reduction": self.reduction} if self.style == "manidp" else {}),
+            init=self.init,
+            **({"reduction": self.reduction} if self.style == "manidp" else {"l1": self.fbs_l1}),
         ).to(device=ref.device, dtype=ref.dtype)
         name = ctx.add_module(conv, "gate", gate)
         with ctx.graph.inserting_after(anchor):
@@ -608,14 +712,19 @@ def sparsity_loss(
     *,
     ce_reference: Tensor | float = 0.0,
     gamma: float = 1.0,
+    channels: Literal["mean", "sum"] = "mean",
 ) -> Tensor:
     """``mean_i w_i * sum_l mean_c pi_l[i, c]`` over the gated layers' (N, C_l) saliencies.
 
     ``w_i`` is :func:`complexity_weights` of ``per_sample_ce`` (all 1 without it).
+    ``channels="sum"`` sums over the channels instead of averaging (FBS's L1 norm).
     """
     if not saliencies:
         raise RewriterError("sparsity_loss needs at least one (N, C) saliency tensor")
-    per_sample = torch.stack([s.mean(dim=1) for s in saliencies]).sum(0)
+    if channels not in ("mean", "sum"):
+        raise RewriterError(f"channels must be 'mean' or 'sum', got {channels!r}")
+    reduce = (lambda s: s.mean(dim=1)) if channels == "mean" else (lambda s: s.sum(dim=1))
+    per_sample = torch.stack([reduce(s) for s in saliencies]).sum(0)
     if per_sample_ce is None:
         return per_sample.mean()
     weights = complexity_weights(per_sample_ce, ce_reference, gamma).to(per_sample)
@@ -698,7 +807,12 @@ def keep_rate(epoch: int, epochs: int, target_keep: float) -> float:
 
 
 def update_thresholds(
-    gm: nn.Module, epoch: int, epochs: int, target_keep: float | None = None
+    gm: nn.Module,
+    epoch: int,
+    epochs: int,
+    target_keep: float | None = None,
+    *,
+    start_epoch: int = 1,
 ) -> dict[str, float]:
     """Set every ManiDP gate's threshold for the epoch after ``epoch``; return them by layer.
 
@@ -710,10 +824,19 @@ def update_thresholds(
     are then reset. ``target_keep`` defaults to the pass's ``keep`` option. FBS gates
     (top-k, no threshold) are left unchanged. :func:`end_epoch` also updates the CE
     reference of the sparsity weight.
+
+    Before ``start_epoch`` (default 1, as in the authors' code, which first sets the
+    thresholds at the end of epoch 1) the statistics are reset and the thresholds kept;
+    nothing is returned for those gates. ``start_epoch=0`` updates from the first epoch.
     """
     out: dict[str, float] = {}
     for name, gate in _gates(gm).items():
         if not gate.adaptive:
+            continue
+        if epoch < start_epoch:
+            with torch.no_grad():
+                gate.saliency_sum.zero_()
+                gate.saliency_count.zero_()
             continue
         count = float(gate.saliency_count)
         if count <= 0:
@@ -747,15 +870,22 @@ class EpochUpdate:
 
 
 def end_epoch(
-    gm: nn.Module, epoch: int, epochs: int, target_keep: float | None = None
+    gm: nn.Module,
+    epoch: int,
+    epochs: int,
+    target_keep: float | None = None,
+    *,
+    start_epoch: int = 1,
 ) -> EpochUpdate:
     """End of training epoch ``epoch``: :func:`update_thresholds` and the new CE reference.
 
     ``C = 0.5 x`` the mean of the per-sample CEs recorded by the losses during the
     epoch (unchanged when none were recorded); the CE statistics are then reset.
+    ``start_epoch`` is :func:`update_thresholds`'s; the returned ``keep_rate`` is the
+    one in force for the next epoch (1 while no threshold was set).
     """
     found = _gates(gm)
-    thresholds = update_thresholds(gm, epoch, epochs, target_keep)
+    thresholds = update_thresholds(gm, epoch, epochs, target_keep, start_epoch=start_epoch)
     first = next(iter(found.values()))
     reference = float(first.ce_reference)
     if float(first.ce_count) > 0:
@@ -765,8 +895,49 @@ def end_epoch(
             gate.ce_reference.fill_(reference)
             gate.ce_sum.zero_()
             gate.ce_count.zero_()
-    target = first.target_keep if target_keep is None else target_keep
-    return EpochUpdate(keep_rate(epoch + 1, epochs, target), thresholds, reference)
+    adaptive = [g for g in found.values() if g.adaptive]
+    rate = float(adaptive[0].keep_rate) if adaptive else 1.0
+    return EpochUpdate(rate, thresholds, reference)
+
+
+def init_ce_reference(
+    gm: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    model: nn.Module | None = None,
+) -> float:
+    """Before training: ``C = 0.5 x`` the mean cross-entropy of the pretrained net on the data.
+
+    The authors compute the complexity threshold of the first epoch this way (every
+    later epoch uses the CE recorded during the previous one, see :func:`end_epoch`).
+    ``batches`` yields ``(inputs, targets)`` of the training set; ``model`` is the
+    network to score (default: ``gm`` itself, which with ``init="identity"`` gates
+    computes exactly what the pretrained net does). Runs in eval mode without gradients
+    (modes restored), sets every gate's ``ce_reference`` and returns ``C``.
+    """
+    found = _gates(gm)
+    net = gm if model is None else model
+    total, count = 0.0, 0
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            for inputs, targets in batches:
+                ce = F.cross_entropy(net(inputs), targets, reduction="none")
+                total += float(ce.double().sum())
+                count += ce.numel()
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if count == 0:
+        raise RewriterError("init_ce_reference got no batches; pass (inputs, targets) pairs")
+    reference = CE_REFERENCE_FACTOR * total / count
+    with torch.no_grad():
+        for gate in found.values():
+            gate.ce_reference.fill_(reference)
+            gate.ce_sum.zero_()
+            gate.ce_count.zero_()
+    return reference
 
 
 def active_channels(gm: nn.Module) -> Tensor:
