@@ -17,7 +17,16 @@ from .manager import Checks, PassRecord, Report, report
 from .modules import RewriterModule
 from .patterns import Match, P, Pattern, Rule
 from .pipeline import PipelineError
-from .registry import Pass, get_pass, make_pass, option, option_specs, register, registered
+from .registry import (
+    Pass,
+    get_pass,
+    make_pass,
+    option,
+    option_limits,
+    option_specs,
+    register,
+    registered,
+)
 from .slim import SlimReport, group_masks, mask_channels, slim
 from .tracing import opaque_modules, trace
 
@@ -50,6 +59,7 @@ __all__ = [
     "make_pass",
     "opaque_modules",
     "option",
+    "option_limits",
     "option_specs",
     "register",
     "registered",

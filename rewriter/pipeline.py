@@ -58,7 +58,7 @@ from . import io
 from .api import rewrite
 from .errors import ArtifactError, OptionError, RewriterError
 from .manager import Checks, evaluate
-from .registry import Pass, coerce, make_pass, option_specs, registered
+from .registry import LIMITS, Pass, coerce, domain_problem, make_pass, option_specs, registered
 
 SECTIONS = ("model", "input", "pass", "checks", "output")
 _ARTIFACT_KEYS = ("format", "format_version", "versions")  # present in artifact metadata
@@ -413,6 +413,11 @@ class _Validator:
                 values[key] = coerce(raw, specs[key].type)
             except (TypeError, ValueError) as exc:
                 self.problem(f"{path}.options.{key}", str(exc))
+                ok = False
+                continue
+            wrong = domain_problem(specs[key], values[key])
+            if wrong is not None:
+                self.problem(f"{path}.options.{key}", f"pass {name!r}: option {key!r} {wrong}")
                 ok = False
         if not ok:
             return None

@@ -4,14 +4,29 @@ A pass is a frozen dataclass: its fields are its options. The registry maps the
 pass's ``name`` (the same in Python, TOML and the CLI) to its class; options are
 described, coerced and validated from the dataclass fields, so every front end
 shares one schema.
+
+Every option has a *domain* (``option(default, help, domain=positive())``): the
+values it accepts, checked for Python, TOML and the CLI alike (a registered pass
+checks its options when it is constructed, so ``SynFlow(iterations=-1)`` fails
+like ``--pass synflow:iterations=-1``). A float option without a declared domain
+must still be finite. Some domains carry a *limit*: an upper bound that guards
+against runaway resource use (``synflow:iterations`` above 10,000) rather than
+a mathematical constraint; :func:`option_limits` (CLI: ``--allow-large-options``)
+lifts those. :data:`LIMITS` holds the other resource limits (passes per
+pipeline, elements of an example input).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
+import inspect
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -57,11 +72,251 @@ class Pass:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a help text shown by ``rewriter passes`` and errors."""
+# -- domains ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values an option accepts. Subclasses implement :meth:`problem` and :meth:`describe`.
+
+    For a list option (``tuple[...]``) the domain applies to every element.
+    """
+
+    def problem(self, value: Any) -> str | None:
+        """``None`` when ``value`` is allowed, else what is wrong (``"got nan"``)."""
+        return None
+
+    def describe(self) -> str:
+        return "any value"
+
+
+@dataclass(frozen=True)
+class Anything(Domain):
+    """Every value of the option's type (strings, globs, booleans)."""
+
+
+@dataclass(frozen=True)
+class Range(Domain):
+    """A finite number between ``low`` and ``high`` (either may be open or absent).
+
+    ``integer`` requires a whole number. ``limit`` is an upper bound that exists to
+    bound resource use, not because larger values are meaningless; it is lifted by
+    :func:`option_limits`.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    limit: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"got {value!r}, not a number"
+        if not math.isfinite(value):
+            return f"got {value}"
+        if self.integer and value != int(value):
+            return f"got {value}, not an integer"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (
+            value >= self.high if self.high_open else value > self.high
+        )
+        if below or above:
+            return f"got {value}"
+        if self.limit is not None and value > self.limit and LIMITS.options:
+            return (
+                f"got {value}, above the limit {_number(self.limit)} that guards against "
+                "runaway resource use (raise it on the CLI with --allow-large-options, in "
+                "Python with `with rewriter.option_limits(False):`)"
+            )
+        return None
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{kind} in {left}{_number(self.low)}, {_number(self.high)}{right}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {_number(self.low)}"
+        elif self.high is not None:
+            text = f"{kind} {'<' if self.high_open else '<='} {_number(self.high)}"
+        else:
+            text = kind
+        if self.limit is not None:
+            text += f" (limit {_number(self.limit)})"
+        return text
+
+
+@dataclass(frozen=True)
+class Choices(Domain):
+    """One of a fixed set of values."""
+
+    values: tuple[Any, ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        return None if value in self.values else f"got {value!r}"
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def anything() -> Domain:
+    """Any value of the option's type (strings, globs, booleans, seeds)."""
+    return Anything()
+
+
+def finite() -> Domain:
+    """Any finite number."""
+    return Range()
+
+
+def positive(*, limit: float | None = None) -> Domain:
+    """A finite number > 0."""
+    return Range(0, low_open=True, limit=limit)
+
+
+def nonnegative(*, limit: float | None = None) -> Domain:
+    """A finite number >= 0."""
+    return Range(0, limit=limit)
+
+
+def unit_interval(*, low_open: bool = False, high_open: bool = False) -> Domain:
+    """A number in [0, 1]; ``low_open``/``high_open`` exclude the ends ((0, 1] is a keep rate)."""
+    return Range(0, 1, low_open=low_open, high_open=high_open)
+
+
+def between(low: float, high: float, *, integer: bool = False) -> Domain:
+    """A number in [low, high]."""
+    return Range(low, high, integer=integer)
+
+
+def at_least(n: int, *, limit: float | None = None) -> Domain:
+    """An integer >= ``n``, optionally with a resource ``limit``."""
+    return Range(n, integer=True, limit=limit)
+
+
+def integer() -> Domain:
+    """Any integer (seeds)."""
+    return Range(integer=True)
+
+
+def choices(*values: Any) -> Domain:
+    """One of ``values``."""
+    return Choices(tuple(values))
+
+
+@dataclass
+class Limits:
+    """Resource limits that a file cannot raise by itself (the user can).
+
+    ``max_passes``: passes in one pipeline or artifact; ``max_input_elements``:
+    elements of one example input (``batch * prod(shape)``); ``options``: whether
+    option domains' ``limit`` bounds apply.
+    """
+
+    max_passes: int = 64
+    max_input_elements: int = 1 << 26
+    options: bool = True
+
+
+LIMITS = Limits()
+
+
+@contextlib.contextmanager
+def option_limits(enabled: bool = True, **limits: int) -> Iterator[Limits]:
+    """Temporarily set :data:`LIMITS`: ``option_limits(False)`` lifts option limits,
+    ``option_limits(max_passes=1000, max_input_elements=10**9)`` raises the others."""
+    unknown = sorted(set(limits) - {f.name for f in dataclasses.fields(Limits)} - {"options"})
+    if unknown:
+        raise OptionError(f"unknown limits {unknown}; known: max_passes, max_input_elements")
+    for key, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"limit {key} must be an integer >= 1, got {value!r}")
+    saved = dataclasses.replace(LIMITS)
+    LIMITS.options = enabled
+    for key, value in limits.items():
+        setattr(LIMITS, key, value)
+    try:
+        yield LIMITS
+    finally:
+        for f in dataclasses.fields(Limits):
+            setattr(LIMITS, f.name, getattr(saved, f.name))
+
+
+def option(default: Any, help: str, domain: Domain | None = None) -> Any:
+    """A dataclass field with a help text (shown by ``rewriter passes`` and errors) and
+    the ``domain`` of values it accepts (default: any value of its type, finite for floats)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple or a scalar as an option default")
-    return dataclasses.field(default=default, metadata={"help": help})
+    if domain is not None and not isinstance(domain, Domain):
+        raise TypeError(f"domain must be a rewriter.registry.Domain, got {domain!r}")
+    return dataclasses.field(default=default, metadata={"help": help, "domain": domain})
+
+
+def _default_domain(tp: Any) -> Domain:
+    """Floats (alone or in lists) must be finite when no domain is declared."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is float or (origin is tuple and args and args[0] is float):
+        return Range()
+    return Anything()
+
+
+def domain_problem(spec: OptionSpec, value: Any) -> str | None:
+    """``None`` when ``value`` lies in the option's domain, else a message naming the range."""
+    domain = spec.domain
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if isinstance(domain, Choices) and value in domain.values:
+        return None
+    for item in values:
+        if isinstance(item, str) and isinstance(domain, Range):
+            continue  # a string choice of a union type ("paper" | list of floats)
+        if item is None:
+            continue
+        wrong = domain.problem(item)
+        if wrong is not None:
+            return f"must be {domain.describe()}, {wrong}"
+    return None
+
+
+def check_options(cls: type[Pass], values: dict[str, Any]) -> list[str]:
+    """Problems (``"option 'gamma' must be ..."``) with ``values`` against ``cls``'s domains."""
+    specs = {s.name: s for s in option_specs(cls)}
+    problems = []
+    for key, value in values.items():
+        if key in specs:
+            wrong = domain_problem(specs[key], value)
+            if wrong is not None:
+                problems.append(f"option {key!r} {wrong}")
+    return problems
+
+
+def _checked_init(cls: type[Pass]) -> None:
+    """Make ``cls(...)`` check its options' domains before the dataclass ``__init__`` runs."""
+    original = cls.__dict__["__init__"]
+    if getattr(original, "_rewriter_checked", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self: Pass, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            bound = None  # let the dataclass __init__ raise its own TypeError
+        if bound is not None:
+            given = {k: v for k, v in bound.arguments.items() if k != "self"}
+            problems = check_options(type(self), given)
+            if problems:
+                raise OptionError(f"pass {type(self).name!r}: " + "; ".join(problems))
+        original(self, *args, **kwargs)
+
+    __init__._rewriter_checked = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -78,6 +333,7 @@ def register(cls: type[Pass]) -> type[Pass]:
     if existing is not None and existing is not cls:
         if existing.__qualname__ != cls.__qualname__ or existing.__module__ != cls.__module__:
             raise ValueError(f"a pass named {cls.name!r} is already registered ({existing})")
+    _checked_init(cls)
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -107,6 +363,7 @@ class OptionSpec:
     type: Any
     default: Any
     help: str
+    domain: Domain = Anything()
 
     @property
     def type_name(self) -> str:
@@ -116,7 +373,13 @@ class OptionSpec:
 def option_specs(cls: type[Pass]) -> list[OptionSpec]:
     hints = typing.get_type_hints(cls)
     return [
-        OptionSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""))
+        OptionSpec(
+            f.name,
+            hints[f.name],
+            f.default,
+            f.metadata.get("help", ""),
+            f.metadata.get("domain") or _default_domain(hints[f.name]),
+        )
         for f in dataclasses.fields(cls)
     ]
 
@@ -150,10 +413,16 @@ def make_pass(spec: Pass | str | tuple[str, dict[str, Any]] | list) -> Pass:
             values[key] = coerce(raw, specs[key].type)
         except (TypeError, ValueError) as exc:
             problems.append(f"option {key!r}: {exc}")
+            continue
+        wrong = domain_problem(specs[key], values[key])
+        if wrong is not None:
+            problems.append(f"option {key!r} {wrong}")
     if problems:
         raise OptionError(f"pass {name!r}: " + "; ".join(problems))
     try:
         return cls(**values)
+    except OptionError:
+        raise
     except (TypeError, ValueError) as exc:
         raise OptionError(f"pass {name!r}: {exc}") from exc
 
