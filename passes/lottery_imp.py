@@ -25,7 +25,17 @@ with fresh optimizer state; the user's function creates the optimizer and skips 
 schedule forward to ``run.start_step``.
 
 Controls, at each round's density: ``"reinit"`` keeps the ticket's masks and samples new
-weights (``reset_parameters()`` of every submodule under a seed, then the masks applied);
+weights with the *model's own initialiser*: ``init_fn()`` (a callable returning a freshly
+constructed model with the same parameter names, called under a seed) or, by default,
+the factory the model came from (``rewriter_source``: a zoo model or a
+``package.module:function`` factory, rebuilt with its recorded options); its parameters
+and buffers are copied in and the masks applied. This matters: a model whose
+constructor initialises its layers in its own way (open_lth's models use
+``kaiming_normal_``; the zoo's ResNets their own BN and linear init) must be re-drawn
+from *that* distribution, which PyTorch's ``reset_parameters()`` defaults do not give.
+A model with neither ``init_fn`` nor a factory source is an error that says so;
+:func:`resample_weights` without ``init_fn`` still offers ``reset_parameters()``
+explicitly.
 ``"random_mask"`` rewinds to the saved weights and shuffles each layer's ticket mask
 (open_lth's layerwise random pruning: the same number of weights per layer). Both start
 training at the ticket's start step.
@@ -203,12 +213,15 @@ def imp_control(
     seed: int = 1,
     keep_classifier: bool = False,
     layers: Iterable[str] | None = None,
+    init_fn: InitFn | None = None,
 ) -> list[Round]:
     """Retrain pruned rounds of ``result`` as a control (``"reinit"`` or ``"random_mask"``).
 
     ``rounds`` picks the rounds (default: every pruned round, 1 to N). Round ``r`` of the
     control uses seed ``seed + r``. ``keep_classifier`` and ``layers`` only choose which
-    layers the recorded density counts (pass those given to :func:`imp`).
+    layers the recorded density counts (pass those given to :func:`imp`). ``init_fn``
+    (``"reinit"`` only) builds a freshly initialised model; by default the model's
+    recorded factory is rebuilt (see the module docs).
     """
     if kind not in ("reinit", "random_mask"):
         raise RewriterError(f"kind must be 'reinit' or 'random_mask', got {kind!r}")
@@ -219,6 +232,8 @@ def imp_control(
         raise RewriterError(
             f"rounds {unknown} are not pruned rounds of the result: {sorted(available)}"
         )
+    if kind == "reinit" and init_fn is None:
+        init_fn = source_init_fn(gm)
     layers = None if layers is None else list(layers)
     out = []
     for ticket in (available[r] for r in chosen):
@@ -229,24 +244,73 @@ def imp_control(
                 mask = mask.flatten()[torch.randperm(mask.numel(), generator=gen)].view(mask.shape)
             set_mask(gm, name, mask)
         if kind == "reinit":
-            resample_weights(gm, seed + ticket.round)
+            resample_weights(gm, seed + ticket.round, init_fn=init_fn)
         run = TrainRun(ticket.round, result.rewind_step, result.rewind_step)
         metric = float(train_fn(gm, run))
         out.append(_record(gm, ticket.round, metric, keep_classifier, layers))
     return out
 
 
-def resample_weights(gm: nn.Module, seed: int) -> None:
-    """Fresh weights: ``reset_parameters()`` of every submodule that has it, under ``seed``.
+InitFn = Callable[[], nn.Module]
 
-    Masks are buffers and stay as they are; BatchNorm running statistics are reset too.
+
+def resample_weights(gm: nn.Module, seed: int, *, init_fn: InitFn | None = None) -> None:
+    """Fresh weights under ``seed``; masks are buffers and stay as they are.
+
+    With ``init_fn`` (a callable returning a freshly constructed model, see
+    :func:`source_init_fn`), every parameter and buffer of the new model is copied into
+    ``gm`` under the same name (BatchNorm running statistics included); entries only
+    ``gm`` has (masks, modules added by passes) are left alone, and every masked
+    layer's weight must be covered. Without it, ``reset_parameters()`` of every
+    submodule that has one (PyTorch's default layer init, not the model's own).
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for module in gm.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if module is not gm and callable(reset):
-                reset()
+        if init_fn is None:
+            for module in gm.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if module is not gm and callable(reset):
+                    reset()
+            return
+        fresh = init_fn().state_dict()
+    current = gm.state_dict(keep_vars=True)
+    problems = [
+        f"{k} {tuple(v.shape)} vs {tuple(current[k].shape)}"
+        for k, v in fresh.items()
+        if k in current and v.shape != current[k].shape
+    ]
+    uncovered = [f"{n}.weight" for n in masked_layers(gm) if f"{n}.weight" not in fresh]
+    if problems or uncovered:
+        raise RewriterError(
+            "init_fn built a model that does not match: "
+            + "; ".join([*(f"shape of {p}" for p in problems[:3]), *(f"no {u}" for u in uncovered[:3])])
+        )
+    with torch.no_grad():
+        for key, value in fresh.items():
+            if key in current:
+                current[key].copy_(value)
+
+
+def source_init_fn(gm: nn.Module) -> InitFn:
+    """The model's own initialiser: rebuild it from its recorded factory (zoo or function).
+
+    Raises :class:`~rewriter.RewriterError` when ``gm`` records no factory (a model
+    built in Python, or one loaded from a file, whose rebuild would be trained
+    weights): pass ``init_fn=lambda: MyModel(...)`` then.
+    """
+    from rewriter.io import is_file_source, resolve_source
+
+    meta = getattr(gm, "meta", {}) or {}
+    source = getattr(gm, "rewriter_source", None) or meta.get("rewriter_source")
+    spec = str(source.get("model", "")) if isinstance(source, dict) else ""
+    if not spec or is_file_source(spec):
+        raise RewriterError(
+            "the random re-init control needs the model's own initialiser: pass "
+            "init_fn=lambda: MyModel(...) (a freshly constructed model with the same "
+            "parameter names); this model records no zoo or factory source to rebuild"
+        )
+    options = dict(source.get("options", {}))
+    return lambda: resolve_source(spec, options)
 
 
 def _record(

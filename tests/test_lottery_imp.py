@@ -163,7 +163,7 @@ def test_random_reinit_control_keeps_masks_and_draws_new_weights() -> None:
     gm = masked_net()
     result = lt.imp(gm, FakeTraining(steps=2), rounds=2)
     train = FakeTraining(steps=2)
-    rounds = lt.imp_control(gm, train, result, "reinit", seed=5)
+    rounds = lt.imp_control(gm, train, result, "reinit", seed=5, init_fn=Net)
     assert [r.round for r in rounds] == [1, 2]
     assert [r.kept for r in rounds] == [r.kept for r in result.rounds[1:]]
     for control, ticket, start in zip(rounds, result.rounds[1:], train.starts, strict=True):
@@ -171,8 +171,51 @@ def test_random_reinit_control_keeps_masks_and_draws_new_weights() -> None:
         assert not torch.equal(start["stem.weight"], result.rewind_state["stem.weight"])
         assert torch.equal(start["bn.running_mean"], torch.zeros(4))  # BN reset as well
     again = FakeTraining(steps=2)
-    lt.imp_control(gm, again, result, "reinit", seed=5)
+    lt.imp_control(gm, again, result, "reinit", seed=5, init_fn=Net)
     assert torch.equal(again.starts[0]["stem.weight"], train.starts[0]["stem.weight"])  # seeded
+    torch.manual_seed(6)  # round 1 uses seed + 1: exactly what the constructor draws
+    assert torch.equal(train.starts[0]["stem.weight"], Net().stem.weight.detach())
+
+
+class KaimingNet(nn.Module):
+    """A model whose constructor uses its own init (std 3), unlike reset_parameters()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(20, 50), nn.Linear(50, 4)
+        for layer in (self.fc1, self.fc2):
+            nn.init.normal_(layer.weight, std=3.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_reinit_control_uses_the_models_own_initialiser() -> None:
+    torch.manual_seed(0)
+    gm = rw.rewrite(KaimingNet(), ["masks"], (torch.randn(2, 20),))
+    result = lt.imp(gm, FakeTraining(steps=1), rounds=1)
+    with pytest.raises(rw.RewriterError, match="init_fn"):  # no factory recorded
+        lt.imp_control(gm, FakeTraining(steps=1), result, "reinit")
+    train = FakeTraining(steps=1)
+    lt.imp_control(gm, train, result, "reinit", init_fn=KaimingNet)
+    assert train.starts[0]["fc1.weight"].std().item() == pytest.approx(3.0, rel=0.1)
+    lt.resample_weights(gm, seed=1)  # PyTorch's default: far smaller weights
+    assert gm.fc1.weight.std().item() < 0.2
+    with pytest.raises(rw.RewriterError, match="does not match"):
+        lt.resample_weights(gm, seed=1, init_fn=lambda: nn.Linear(3, 3))
+
+
+def test_reinit_control_rebuilds_a_zoo_model_from_its_factory() -> None:
+    torch.manual_seed(0)
+    model = rw.zoo.create("mlp", hidden=(12,))
+    gm = rw.rewrite(model, ["masks"], rw.zoo.example_inputs("mlp"))
+    result = lt.imp(gm, FakeTraining(steps=1), rounds=1)
+    train = FakeTraining(steps=1)
+    lt.imp_control(gm, train, result, "reinit", seed=3)
+    torch.manual_seed(4)  # seed + round 1
+    expected = rw.zoo.create("mlp", hidden=(12,)).state_dict()
+    for key, value in expected.items():
+        assert torch.equal(train.starts[0][key], value), key
 
 
 def test_random_mask_control_keeps_layer_densities_and_the_rewind_weights() -> None:
