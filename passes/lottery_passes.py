@@ -32,7 +32,18 @@ from torch import fx
 
 from rewriter.context import RewriteContext
 from rewriter.errors import RewriterError
-from rewriter.registry import Pass, make_pass, option, register
+from rewriter.registry import (
+    Pass,
+    anything,
+    at_least,
+    choices,
+    integer,
+    make_pass,
+    option,
+    positive,
+    register,
+    unit_interval,
+)
 from rewriter.select import selected
 
 from .lottery_scores import (
@@ -55,13 +66,21 @@ from .masks import Masks, get_masks
 class _PruningPass(Pass):
     """Shared options and behaviour: insert masks (the ``masks`` pass), then prune."""
 
-    density: float = option(0.1, "fraction of the prunable weights kept (1.0 = dense)")
-    scope: Scope = option(
-        "global", "'global': one ranking over all layers; 'layer': that density in every layer"
+    density: float = option(
+        0.1, "fraction of the prunable weights kept (1.0 = dense)", unit_interval()
     )
-    keep_classifier: bool = option(False, "leave the output layer(s) (the classifier) unpruned")
-    include: tuple[str, ...] = option((), "globs of layers to mask and prune (empty: all)")
-    exclude: tuple[str, ...] = option((), "globs of layers to leave dense")
+    scope: Scope = option(
+        "global",
+        "'global': one ranking over all layers; 'layer': that density in every layer",
+        choices("global", "layer"),
+    )
+    keep_classifier: bool = option(
+        False, "leave the output layer(s) (the classifier) unpruned", anything()
+    )
+    include: tuple[str, ...] = option(
+        (), "globs of layers to mask and prune (empty: all)", anything()
+    )
+    exclude: tuple[str, ...] = option((), "globs of layers to leave dense", anything())
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.density <= 1.0:
@@ -129,7 +148,7 @@ class RandomPrune(_PruningPass):
 
     name = "random_prune"
 
-    seed: int = option(0, "seed of the random scores")
+    seed: int = option(0, "seed of the random scores", integer())
 
     def prune(self, gm: fx.GraphModule, layers: list[str]) -> None:
         random_prune(gm, self.density, seed=self.seed, **self._common(layers))
@@ -146,7 +165,11 @@ class SynFlow(_PruningPass):
 
     name = "synflow"
 
-    iterations: int = option(100, "scoring rounds; kept fraction density**(k/iterations)")
+    iterations: int = option(
+        100,
+        "scoring rounds; kept fraction density**(k/iterations)",
+        at_least(1, limit=10_000),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -219,7 +242,9 @@ class GraSP(_DataPass):
 
     name = "grasp"
 
-    temperature: float = option(200.0, "the logits are divided by this before the loss")
+    temperature: float = option(
+        200.0, "the logits are divided by this before the loss", positive()
+    )
 
     def prune(self, gm: fx.GraphModule, layers: list[str]) -> None:
         data, loss_fn = self._data_or_error()

@@ -28,7 +28,7 @@ from rewriter.context import RewriteContext
 from rewriter.errors import RewriterError
 from rewriter.modules import RewriterModule
 from rewriter.patterns import Match, P
-from rewriter.registry import Pass, option, register
+from rewriter.registry import Pass, anything, choices, option, register
 from rewriter.select import selected
 
 MASK = "weight_mask"
@@ -83,10 +83,16 @@ class Masks(Pass):
     name = "masks"
     preserves_outputs = True
 
-    include: tuple[str, ...] = option((), "globs of qualified layer names to mask (empty: all)")
-    exclude: tuple[str, ...] = option((), "globs of qualified layer names to leave dense")
+    include: tuple[str, ...] = option(
+        (), "globs of qualified layer names to mask (empty: all)", anything()
+    )
+    exclude: tuple[str, ...] = option(
+        (), "globs of qualified layer names to leave dense", anything()
+    )
     classes: tuple[str, ...] = option(
-        (), "class names to target, e.g. ['Conv2d'] (empty: Conv1d/2d/3d and Linear)"
+        (),
+        "class names to target, e.g. ['Conv2d'] (empty: Conv1d/2d/3d and Linear)",
+        choices(*(c.__name__ for c in MASKED)),
     )
 
     def __post_init__(self) -> None:

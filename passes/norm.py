@@ -38,7 +38,7 @@ from torch import Tensor, fx, nn
 from rewriter.context import RewriteContext
 from rewriter.modules import RewriterModule
 from rewriter.patterns import Match, P
-from rewriter.registry import Pass, option, register
+from rewriter.registry import Pass, anything, choices, option, register
 from rewriter.select import selected
 
 
@@ -115,10 +115,14 @@ class RBN(Pass):
     name = "rbn"
 
     init: Literal["preserve", "paper"] = option(
-        "preserve", "'preserve': exact function at insertion; 'paper': w_b=1 with gamma kept"
+        "preserve",
+        "'preserve': exact function at insertion; 'paper': w_b=1 with gamma kept",
+        choices("preserve", "paper"),
     )
-    include: tuple[str, ...] = option((), "globs of qualified BN names to replace (empty: all)")
-    exclude: tuple[str, ...] = option((), "globs of qualified BN names to keep")
+    include: tuple[str, ...] = option(
+        (), "globs of qualified BN names to replace (empty: all)", anything()
+    )
+    exclude: tuple[str, ...] = option((), "globs of qualified BN names to keep", anything())
 
     def __post_init__(self) -> None:
         if self.init not in ("preserve", "paper"):

@@ -94,7 +94,16 @@ from rewriter.api import rewrite
 from rewriter.context import RewriteContext
 from rewriter.errors import RewriterError
 from rewriter.modules import RewriterModule
-from rewriter.registry import Pass, option, register
+from rewriter.registry import (
+    Pass,
+    anything,
+    at_least,
+    choices,
+    nonnegative,
+    option,
+    positive,
+    register,
+)
 from rewriter.select import selected
 
 __all__ = [
@@ -265,18 +274,32 @@ class SkipGates(Pass):
 
     name = "skip_gates"
 
-    tasks: int = option(1, "number of tasks K; logits have shape (K, blocks, 2)")
-    temperature: float = option(5.0, "initial Gumbel-softmax temperature (training mode)")
+    tasks: int = option(
+        1, "number of tasks K; logits have shape (K, blocks, 2)", at_least(1, limit=10_000)
+    )
+    temperature: float = option(
+        5.0, "initial Gumbel-softmax temperature (training mode)", positive()
+    )
     eval_policy: Literal["argmax", "softmax"] = option(
-        "argmax", "eval-mode policy: 'argmax' (hard, tie selects) or 'softmax' (soft)"
+        "argmax",
+        "eval-mode policy: 'argmax' (hard, tie selects) or 'softmax' (soft)",
+        choices("argmax", "softmax"),
     )
-    sparsity_weight: float = option(0.05, "coefficient of the sparsity loss in aux_losses")
-    sharing_weight: float = option(0.05, "coefficient of the sharing loss in aux_losses")
+    sparsity_weight: float = option(
+        0.05, "coefficient of the sparsity loss in aux_losses", nonnegative()
+    )
+    sharing_weight: float = option(
+        0.05, "coefficient of the sharing loss in aux_losses", nonnegative()
+    )
     sharing_weights: Literal["paper", "code"] | tuple[float, ...] = option(
-        "paper", "w_l of the sharing loss: 'paper' (L-l)/L, 'code' (l+1)/L, or one float per block"
+        "paper",
+        "w_l of the sharing loss: 'paper' (L-l)/L, 'code' (l+1)/L, or one float per block",
+        nonnegative(),  # for the list form; the strings are checked by their Literal type
     )
-    include: tuple[str, ...] = option((), "globs of block names (module scope or add node) to gate")
-    exclude: tuple[str, ...] = option((), "globs of block names to leave ungated")
+    include: tuple[str, ...] = option(
+        (), "globs of block names (module scope or add node) to gate", anything()
+    )
+    exclude: tuple[str, ...] = option((), "globs of block names to leave ungated", anything())
 
     def __post_init__(self) -> None:
         if self.tasks < 1:
@@ -498,8 +521,12 @@ class SkipFreeze(Pass):
 
     name = "skip_freeze"
 
-    select: tuple[bool, ...] = option((), "one per gated block: true keeps it, false removes it")
-    task: int = option(0, "the task this policy belongs to (recorded in meta['skip_gates_policy'])")
+    select: tuple[bool, ...] = option(
+        (), "one per gated block: true keeps it, false removes it", anything()
+    )
+    task: int = option(
+        0, "the task this policy belongs to (recorded in meta['skip_gates_policy'])", at_least(0)
+    )
 
     def apply(self, gm: fx.GraphModule, ctx: RewriteContext) -> None:
         """Selected blocks lose the mix; skipped ones become their shortcut and are deleted.

@@ -109,7 +109,7 @@ from rewriter.errors import RewriterError
 from rewriter.manager import evaluate
 from rewriter.modules import RewriterModule
 from rewriter.patterns import Match, P
-from rewriter.registry import Pass, option, register
+from rewriter.registry import Pass, anything, choices, integer, option, register, unit_interval
 from rewriter.select import selected
 
 if TYPE_CHECKING:
@@ -268,13 +268,21 @@ class Split(Pass):
     name = "split"
     preserves_outputs = True
 
-    mode: Literal["kels", "wels"] = option("kels", "kels (whole kernels, slim fit network) or wels")
-    rate: float = option(
-        0.5, "split rate s: fraction of channels (kels) or weights (wels) kept fit"
+    mode: Literal["kels", "wels"] = option(
+        "kels", "kels (whole kernels, slim fit network) or wels", choices("kels", "wels")
     )
-    seed: int = option(0, "wels only: seed of the random masks")
-    include: tuple[str, ...] = option((), "globs of qualified layer names to split (empty: all)")
-    exclude: tuple[str, ...] = option((), "globs of qualified layer names to leave whole")
+    rate: float = option(
+        0.5,
+        "split rate s: fraction of channels (kels) or weights (wels) kept fit",
+        unit_interval(low_open=True, high_open=True),
+    )
+    seed: int = option(0, "wels only: seed of the random masks", integer())
+    include: tuple[str, ...] = option(
+        (), "globs of qualified layer names to split (empty: all)", anything()
+    )
+    exclude: tuple[str, ...] = option(
+        (), "globs of qualified layer names to leave whole", anything()
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ("kels", "wels"):

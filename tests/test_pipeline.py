@@ -187,7 +187,11 @@ def test_error_message_lists_problems_under_the_file_name(tmp_path: Path) -> Non
             "pass[1].options.bogus",
             "no option",
         ),
-        ("[[pass]]\nname = 'masks'\noptions = {classes = ['Foo']}", "pass[1]", "cannot be masked"),
+        (
+            "[[pass]]\nname = 'masks'\noptions = {classes = ['Foo']}",
+            "pass[1].options.classes",
+            "must be one of 'Conv1d'",
+        ),
         ("[model]\nsource = 'no_such_pkg_xyz:make'", "model.source", "no module named"),
         (
             "[model]\nsource = 'factories:make'\noptions = {depth = 1}",

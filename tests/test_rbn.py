@@ -474,7 +474,7 @@ def test_running_twice_is_a_no_op() -> None:
 def test_unknown_init_is_an_option_error() -> None:
     with pytest.raises(rw.OptionError, match="init"):
         rw.make_pass(("rbn", {"init": "zeros"}))
-    with pytest.raises(ValueError, match="init must be"):
+    with pytest.raises(ValueError, match="option 'init' must be one of"):
         rw.passes.RBN(init="zeros")  # type: ignore[arg-type]
 
 

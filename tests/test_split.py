@@ -367,8 +367,8 @@ def test_kels_needs_example_inputs() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"rate": 0.0}, "rate must be strictly between 0 and 1"),
-        ({"rate": 1.0}, "rate must be strictly between 0 and 1"),
+        ({"rate": 0.0}, r"option 'rate' must be a finite number in \(0, 1\)"),
+        ({"rate": 1.0}, r"option 'rate' must be a finite number in \(0, 1\)"),
         ({"mode": "channels"}, "expected one of"),
         ({"ratio": 0.5}, "unknown option 'ratio'"),
     ],
