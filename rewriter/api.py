@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .manager import REPORT_KEY, Checks, run_passes
+from .frontends import FRONTEND_KEY, Inputs, build_graph, positional
+from .canonical import canonical_report, canonicalize
+from .manager import REPORT_KEY, Checks, _propagate_shapes, run_passes
 from .registry import Pass, make_pass
-from .tracing import trace
 
 PassSpec = Pass | str | tuple[str, dict[str, Any]]
 
@@ -19,10 +20,11 @@ PassSpec = Pass | str | tuple[str, dict[str, Any]]
 def rewrite(
     model: nn.Module,
     passes: Sequence[PassSpec],
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: Inputs = None,
     *,
     leaves: Iterable[str | type[nn.Module]] = (),
     checks: Checks | None = None,
+    frontend: str = "auto",
 ) -> fx.GraphModule:
     """Trace a copy of ``model`` and apply ``passes`` in order; return the GraphModule.
 
@@ -31,19 +33,33 @@ def rewrite(
     them, models from :mod:`rewriter.zoo` use their default input and other models
     skip those checks. ``model`` itself is never mutated. The result's history is
     available from :func:`rewriter.report`.
+
+    ``example_inputs`` may also be a dict of keyword tensors (``input_ids``,
+    ``attention_mask``, ``pixel_values``). ``frontend`` is ``"fx"`` (torch.fx tracing),
+    ``"export"`` (``torch.export`` + lifting, see :mod:`rewriter.frontends`) or
+    ``"auto"``: export for Hugging Face models and models fx cannot trace at the root,
+    fx otherwise. ``report(gm).frontend`` says which one was used.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"rewrite() expects an nn.Module, got {type(model).__name__}")
     if isinstance(passes, (str, Pass)):
         passes = [passes]
     resolved = [make_pass(p) for p in passes]
-    inputs = _inputs(model, example_inputs)
+    if isinstance(example_inputs, dict):
+        inputs = None
+    else:
+        inputs = _inputs(model, example_inputs)
+        example_inputs = inputs
     work = copy.deepcopy(model)
     if isinstance(work, fx.GraphModule) and REPORT_KEY in work.meta:
         gm = work  # continue a rewrite: keep the graph and its history
+        if isinstance(example_inputs, dict):
+            inputs = positional(work, (), example_inputs)
     else:
-        gm = trace(work, leaves=leaves)
-    return run_passes(gm, resolved, inputs, checks or Checks())
+        gm, inputs = build_graph(work, example_inputs, frontend=frontend, leaves=leaves)
+    gm = run_passes(gm, resolved, inputs, checks or Checks())
+    gm.meta[REPORT_KEY].frontend = gm.meta.get(FRONTEND_KEY, "fx")
+    return gm
 
 
 def _inputs(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
