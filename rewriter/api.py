@@ -10,8 +10,7 @@ import torch
 from torch import fx, nn
 
 from .frontends import FRONTEND_KEY, Inputs, build_graph, positional
-from .canonical import canonical_report, canonicalize
-from .manager import REPORT_KEY, Checks, _propagate_shapes, run_passes
+from .manager import REPORT_KEY, Checks, run_passes
 from .registry import Pass, make_pass
 
 PassSpec = Pass | str | tuple[str, dict[str, Any]]

@@ -4,17 +4,12 @@ After each pass: ``graph.lint()``, removal of orphan submodules, recompile,
 shape propagation with the example inputs and a comparison of the output
 shapes with the input model's, and, when the pass declares
 ``preserves_outputs``, numeric equivalence (``torch.testing.assert_close``, eval
-mode, fixed seed) computed in float64: the model before and after the pass run with
-their floating-point parameters, buffers and inputs converted to float64 (and restored
-afterwards), so float32 rounding accumulated over a deep net is not mistaken for a
-changed function, while a changed function still fails. A model that cannot run in
-float64 is compared in its own dtype. Any failure raises one :class:`PassError` that names the
+mode, fixed seed). Any failure raises one :class:`PassError` that names the
 pass, the node, the rule and the passes already run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 import warnings
@@ -45,7 +40,6 @@ class Checks:
     rtol: float = 1e-5
     atol: float = 1e-5
     seed: int = 0  # for the numeric check and for random parameters passes create
-    float64: bool = True  # compare outputs in float64 (see the module docs)
 
 
 @dataclass
@@ -147,40 +141,6 @@ def evaluate(gm: nn.Module, inputs: Sequence[torch.Tensor], seed: int = 0) -> An
         _restore(states)
 
 
-@contextlib.contextmanager
-def in_float64(gm: nn.Module):
-    """Temporarily hold every floating-point parameter and buffer of ``gm`` in float64.
-
-    The tensors stay the same objects (their ``.data`` is swapped); on exit each goes back
-    to its own dtype, so in-place changes made meanwhile (masks set to 0/1) are kept.
-    """
-    changed: list[tuple[torch.Tensor, torch.dtype]] = []
-    try:
-        for t in (*gm.parameters(), *gm.buffers()):
-            if t.is_floating_point() and t.dtype != torch.float64:
-                changed.append((t, t.dtype))
-                t.data = t.data.double()
-        yield
-    finally:
-        for t, dtype in changed:
-            t.data = t.data.to(dtype)
-
-
-def _double(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(
-        x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
-    )
-
-
-def evaluate64(gm: nn.Module, inputs: Sequence[torch.Tensor], seed: int = 0) -> Any | None:
-    """:func:`evaluate` on float64 copies of the state and inputs; ``None`` if it cannot run."""
-    try:
-        with in_float64(gm):
-            return evaluate(gm, _double(inputs), seed)
-    except Exception:
-        return None
-
-
 def _shapes(out: Any) -> list[tuple[int, ...]]:
     leaves, _ = tree_flatten(out)
     return [tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)]
@@ -213,7 +173,6 @@ def run_passes(
                 "  Give inputs the model accepts (shape, dtype, number of arguments)."
             ) from exc
 
-    reference64 = None  # float64 outputs of the graph as it is now, when known
     for p in passes:
         if rep.opaque:
             warnings.warn(
@@ -221,11 +180,6 @@ def run_passes(
                 f"{', '.join(sorted(rep.opaque))}; they are left unchanged",
                 stacklevel=3,
             )
-        numeric = (
-            checks.numerics and checks.float64 and p.preserves_outputs and example_inputs is not None
-        )
-        if numeric and reference64 is None:
-            reference64 = evaluate64(gm, example_inputs, checks.seed)
         ctx = RewriteContext(gm, p.name)
         before = _count(gm)
         start = time.perf_counter()
@@ -260,9 +214,7 @@ def run_passes(
         _delete_orphans(gm)
         gm.recompile()
         if example_inputs is not None and (checks.shapes or checks.numerics):
-            out, reference64 = _check_outputs(
-                gm, p, example_inputs, (reference, reference64), ref_shapes, checks, fail
-            )
+            out = _check_outputs(gm, p, example_inputs, reference, ref_shapes, checks, fail)
             reference = out
         after = _count(gm)
         rep.passes.append(
@@ -305,45 +257,24 @@ def _delete_orphans(gm: fx.GraphModule) -> None:
         gm.delete_submodule(name)  # a no-op when a parent was already deleted
 
 
-class _ShapeProp(ShapeProp):
-    """``ShapeProp`` that also marks nodes whose value is not a tensor (sizes, ints, None).
-
-    They get ``tensor_meta = None``: shapes were propagated, the value has none.
-    """
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        n.meta.setdefault("tensor_meta", None)
-        return result
-
-
 def _propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
-    """Record ``tensor_meta`` on every node (eval mode, no grad; modes restored).
-
-    Nodes whose value is not a tensor (``x.size(0)``, a ``None`` default argument) get
-    ``tensor_meta = None``.
-    """
+    """Record ``tensor_meta`` on every node (eval mode, no grad; modes restored)."""
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)  # so a failure points at the first node that fails
     states = _training_states(gm)
     gm.eval()
     try:
         with torch.no_grad():
-            _ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*inputs)
     finally:
         _restore(states)
 
 
-def _check_outputs(gm, p, inputs, references, ref_shapes, checks, fail):
-    """Shape and numeric checks after pass ``p``; returns (outputs, float64 outputs or None)."""
-    reference, reference64 = references
+def _check_outputs(gm, p, inputs, reference, ref_shapes, checks, fail):
     try:
         _propagate_shapes(gm, inputs)
     except Exception as exc:
-        node = next(
-            (n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"),
-            None,
-        )
+        node = next((n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"), None)
         raise fail(
             f"the rewritten model fails on the example inputs: {_root_cause(exc)}",
             node=node,
@@ -351,18 +282,11 @@ def _check_outputs(gm, p, inputs, references, ref_shapes, checks, fail):
     out = evaluate(gm, inputs, checks.seed)
     if checks.shapes and _shapes(out) != ref_shapes:
         raise fail(f"output shapes changed: {ref_shapes} before, {_shapes(out)} after")
-    out64 = None
     if checks.numerics and p.preserves_outputs:
-        if reference64 is not None:
-            out64 = evaluate64(gm, inputs, checks.seed)
-        expected, got, where = (reference, out, "")
-        if out64 is not None:
-            expected, got, where = reference64, out64, ", compared in float64"
         try:
-            torch.testing.assert_close(got, expected, rtol=checks.rtol, atol=checks.atol)
+            torch.testing.assert_close(out, reference, rtol=checks.rtol, atol=checks.atol)
         except AssertionError as exc:
             raise fail(
-                "the pass declares preserves_outputs but the outputs changed "
-                f"(eval mode{where}): {exc}"
+                f"the pass declares preserves_outputs but the outputs changed (eval mode): {exc}"
             ) from exc
-    return out, out64
+    return out
