@@ -1,9 +1,11 @@
 """Early-Bird tickets (You et al., ICLR 2020): channel masks from BatchNorm gammas.
 
 Train with an L1 penalty on every BN scale ``gamma`` (:func:`add_bn_l1_subgradient`,
-``1e-4``, after ``backward()``); after each epoch, draw the channel mask at pruning ratio
-``p`` (:func:`bn_channel_masks`: a channel is kept when its ``|gamma|`` is above the global
-quantile over all BN channels) and give it to an :class:`EarlyBird` detector. The detector
+``1e-4``, after ``backward()``); at the start of every epoch, draw the channel mask at
+pruning ratio ``p`` (:func:`bn_channel_masks`: a channel is kept when its ``|gamma|`` is
+above the global quantile over all BN channels) and give it to an :class:`EarlyBird`
+detector, the first from the initial weights (:meth:`EarlyBird.start`), as the authors'
+code does; then after every epoch (the start of the next one). The detector
 keeps the last 5 epochs' masks (FIFO) and fires when the newest is within 0.1 (normalised
 Hamming distance, :func:`mask_distance`) of all 4 older ones. Then
 :func:`early_bird_ticket` builds the physically smaller network with
@@ -11,15 +13,27 @@ Hamming distance, :func:`mask_distance`) of all 4 older ones. Then
 its input, and the ticket is retrained::
 
     detector = EarlyBird(ratio=0.5)
+    detector.start(gm)                          # the mask of the initial weights
     for epoch in range(epochs):
         for x, y in batches:
             loss = F.cross_entropy(gm(x), y)
             loss.backward()
             add_bn_l1_subgradient(gm, 1e-4)
             optimizer.step(); optimizer.zero_grad()
-        if detector.update(gm):
+        if detector.update(gm):                 # the mask at the start of epoch + 1
             ticket = early_bird_ticket(gm, (x,), detector.ticket_masks)
-            break
+            break                               # detector.fired_epoch == epoch + 1
+
+Without :meth:`EarlyBird.start` the window holds only masks drawn after training epochs:
+the detector then sees one mask fewer and ``fired_epoch`` counts from the first update.
+
+Slimming: the authors' ResNet code decides per block which channels to keep (each
+block's inner convs by their own BN masks, the channels joined by residual adds
+handled per block), while :func:`early_bird_ticket` hands every BN mask to
+:func:`rewriter.slim.slim`, which prunes a channel of a coupled group (all the convs
+joined by residual adds) only when *no* member keeps it: the union of the members'
+choices, so a ticket may keep more channels than the ratio asks where masks disagree
+across a group. Inside a residual branch (not coupled) the two agree.
 
 Exactness: the mask prunes exactly ``round(p * n)`` of the ``n`` BN channels, the
 smallest ``|gamma|`` (ties broken by position, in module order). The authors' code keeps
@@ -122,6 +136,29 @@ class EarlyBird:
         self.distances: list[float] = []
         self.epochs = 0
         self.fired_at: int | None = None  # the first update (1-based) at which it fired
+        self.started = False  # whether the first mask came from the initial weights
+
+    def start(self, gm: nn.Module) -> None:
+        """Record the mask of the initial weights, before training (the authors' first mask).
+
+        Call once, before any :meth:`update`; every later :meth:`update` is the mask at
+        the start of the next epoch.
+        """
+        if self.epochs:
+            raise RewriterError("start() must come before the first update()")
+        self.push(bn_channel_masks(gm, self.ratio))
+        self.started = True
+
+    @property
+    def fired_epoch(self) -> int | None:
+        """Training epochs completed when the detector first fired (the authors' epoch index).
+
+        With :meth:`start`, the mask drawn after ``e`` epochs is the ``(e + 1)``-th; without
+        it, the ``e``-th.
+        """
+        if self.fired_at is None:
+            return None
+        return self.fired_at - 1 if self.started else self.fired_at
 
     def update(self, gm: nn.Module) -> bool:
         """Draw this epoch's mask from ``gm``'s BN gammas; whether the ticket has emerged."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -184,6 +184,13 @@ class SynFlow(_PruningPass):
 class _DataPass(_PruningPass):
     """A criterion that needs training batches, attached from Python with :meth:`with_data`."""
 
+    mode: Literal["eval", "train"] = option(
+        "eval",
+        "BatchNorm while scoring: 'eval' running statistics (Synaptic-Flow, the default) or "
+        "'train' batch statistics (GraSP's reference code)",
+        choices("eval", "train"),
+    )
+
     @classmethod
     def with_data(
         cls, data: Iterable[Batch], loss_fn: LossFn = F.cross_entropy, **options: Any
@@ -229,7 +236,7 @@ class Snip(_DataPass):
 
     def prune(self, gm: fx.GraphModule, layers: list[str]) -> None:
         data, loss_fn = self._data_or_error()
-        snip(gm, data, self.density, loss_fn=loss_fn, **self._common(layers))
+        snip(gm, data, self.density, loss_fn=loss_fn, mode=self.mode, **self._common(layers))
 
 
 @register
@@ -242,9 +249,7 @@ class GraSP(_DataPass):
 
     name = "grasp"
 
-    temperature: float = option(
-        200.0, "the logits are divided by this before the loss", positive()
-    )
+    temperature: float = option(200.0, "the logits are divided by this before the loss", positive())
 
     def prune(self, gm: fx.GraphModule, layers: list[str]) -> None:
         data, loss_fn = self._data_or_error()
@@ -254,5 +259,6 @@ class GraSP(_DataPass):
             self.density,
             loss_fn=loss_fn,
             temperature=self.temperature,
+            mode=self.mode,
             **self._common(layers),
         )

@@ -35,9 +35,13 @@ which are the only ones ranked); random scores are uniform instead of normal (ei
 a uniformly random ranking); densities are hit exactly instead of
 thresholding with ``<=`` (which removes every weight tied at the threshold); the model's
 parameters, buffers, gradients and training modes are restored exactly after scoring
-(the reference code multiplies the signs back and leaves ``.grad`` filled). Scoring runs
-in eval mode by default, as Synaptic-Flow's ``prune_loop`` does; ``train_mode=True`` uses
-batch statistics (running statistics are restored afterwards).
+(the reference code multiplies the signs back and leaves ``.grad`` filled).
+
+Mode: SNIP and GraSP score in eval mode by default (``mode="eval"``, BatchNorm with its
+running statistics), as Synaptic-Flow's ``prune_loop`` does for every criterion; this is
+the setting of the layer-collapse comparison we reproduce. GraSP's own reference code
+scores in training mode (BatchNorm batch statistics); ``mode="train"`` does that
+(running statistics are restored afterwards). SynFlow always scores in eval mode.
 
 The passes built on these functions are in :mod:`rewriter.passes.lottery_passes`.
 """
@@ -54,11 +58,13 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from rewriter.errors import RewriterError
+from rewriter.manager import in_float64
 
-from .masks import MASK, get_masks, set_mask
+from .masks import MASK, get_masks, model_placement, set_mask
 
 Scores = dict[str, Tensor]
 Scope = Literal["global", "layer"]
+Mode = Literal["eval", "train"]  # BatchNorm mode while scoring with data
 Batch = tuple[Any, Tensor]  # (input tensor or tuple of input tensors, target)
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -248,16 +254,17 @@ def snip_scores(
     data: Iterable[Batch],
     *,
     loss_fn: LossFn = F.cross_entropy,
-    train_mode: bool = False,
+    mode: Mode = "eval",
 ) -> Scores:
     """SNIP: ``|g * w|`` with ``g`` the loss gradient summed over ``data``'s batches.
 
     ``data`` yields ``(inputs, targets)``; ``inputs`` is a tensor or a tuple of tensors.
+    ``mode`` is the BatchNorm mode while scoring (see the module docs).
     """
     layers = masked_layers(gm)
     weights = [layer.weight for layer in layers.values()]
     batches = _batches(data, "snip")
-    with _scoring(gm, train=train_mode):
+    with _scoring(gm, train=_train(mode)):
         grads = [torch.zeros_like(w) for w in weights]
         for inputs, target in batches:
             loss = loss_fn(_call(gm, inputs), target)
@@ -272,14 +279,15 @@ def grasp_scores(
     *,
     loss_fn: LossFn = F.cross_entropy,
     temperature: float = 200.0,
-    train_mode: bool = False,
+    mode: Mode = "eval",
 ) -> Scores:
     """GraSP: ``w * Hg`` with the outputs divided by ``temperature`` (keep the highest).
 
     ``g`` is the gradient summed over the batches, treated as a constant; ``Hg`` is the
     gradient of ``sum_b g_b . g`` (double backprop), ``g_b`` the gradient of batch ``b``.
     Sign: this is Synaptic-Flow's score, which removes the *lowest* values; GraSP's paper
-    scores ``-w * Hg`` and removes the *highest*, the same weights.
+    scores ``-w * Hg`` and removes the *highest*, the same weights. ``mode="train"``
+    scores with BatchNorm batch statistics, as GraSP's reference code (default ``"eval"``).
     """
     layers = masked_layers(gm)
     weights = [layer.weight for layer in layers.values()]
@@ -289,7 +297,7 @@ def grasp_scores(
         out = tree_map(lambda t: t / temperature if isinstance(t, Tensor) else t, _call(gm, inputs))
         return loss_fn(out, target)
 
-    with _scoring(gm, train=train_mode):
+    with _scoring(gm, train=_train(mode)):
         stopped = [torch.zeros_like(w) for w in weights]
         for inputs, target in batches:
             for total, g in zip(stopped, _grad(loss_of(inputs, target), weights), strict=True):
@@ -315,18 +323,22 @@ def synflow_scores(gm: nn.Module, inputs: Sequence[Tensor] | None = None) -> Sco
 
 
 def _synflow_once(gm: nn.Module, ones: Sequence[Tensor]) -> Scores:
+    """Scores computed in float64, as the paper does (the model's tensors are converted for
+    the call and restored to their dtype; masks set afterwards keep the model's dtype)."""
     layers = masked_layers(gm)
-    weights = [layer.weight for layer in layers.values()]
-    leaves, _ = tree_flatten(gm(*ones))
-    total = sum(t.sum() for t in leaves if isinstance(t, Tensor))
-    grads = _grad(total, weights)
-    scores = {
-        name: (w * g).detach().abs() for name, w, g in zip(layers, weights, grads, strict=True)
-    }
+    with in_float64(gm):
+        weights = [layer.weight for layer in layers.values()]
+        wide = [t.double() if t.is_floating_point() else t for t in ones]
+        leaves, _ = tree_flatten(gm(*wide))
+        total = sum(t.sum() for t in leaves if isinstance(t, Tensor))
+        grads = _grad(total, weights)
+        scores = {
+            name: (w * g).detach().abs() for name, w, g in zip(layers, weights, grads, strict=True)
+        }
     if not all(torch.isfinite(s).all() for s in scores.values()):
         raise RewriterError(
-            "SynFlow scores overflowed (the all-ones signal through the absolute-valued "
-            "network is too large for the model's dtype); score a float64 copy (model.double())"
+            "SynFlow scores overflowed even in float64 (the all-ones signal through the "
+            "absolute-valued network is too large)"
         )
     return scores
 
@@ -375,13 +387,13 @@ def snip(
     density: float,
     *,
     loss_fn: LossFn = F.cross_entropy,
-    train_mode: bool = False,
+    mode: Mode = "eval",
     scope: Scope = "global",
     keep_classifier: bool = False,
     layers: Iterable[str] | None = None,
 ) -> None:
     """One-shot SNIP: keep the weights with the largest ``|g * w|`` over ``data``."""
-    scores = snip_scores(gm, data, loss_fn=loss_fn, train_mode=train_mode)
+    scores = snip_scores(gm, data, loss_fn=loss_fn, mode=mode)
     prune(gm, scores, density, scope=scope, keep_classifier=keep_classifier, layers=layers)
 
 
@@ -392,13 +404,13 @@ def grasp(
     *,
     loss_fn: LossFn = F.cross_entropy,
     temperature: float = 200.0,
-    train_mode: bool = False,
+    mode: Mode = "eval",
     scope: Scope = "global",
     keep_classifier: bool = False,
     layers: Iterable[str] | None = None,
 ) -> None:
     """One-shot GraSP: keep the weights with the highest ``w * Hg`` (see the module docs)."""
-    scores = grasp_scores(gm, data, loss_fn=loss_fn, temperature=temperature, train_mode=train_mode)
+    scores = grasp_scores(gm, data, loss_fn=loss_fn, temperature=temperature, mode=mode)
     prune(gm, scores, density, scope=scope, keep_classifier=keep_classifier, layers=layers)
 
 
@@ -473,6 +485,12 @@ def _scoring(gm: nn.Module, *, train: bool, absolute: bool = False) -> Iterator[
             module.training = mode
 
 
+def _train(mode: str) -> bool:
+    if mode not in ("eval", "train"):
+        raise RewriterError(f"mode must be 'eval' or 'train', got {mode!r}")
+    return mode == "train"
+
+
 def _grad(output: Tensor, weights: list[Tensor], create_graph: bool = False) -> list[Tensor]:
     grads = torch.autograd.grad(output, weights, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights, strict=True)]
@@ -495,17 +513,40 @@ def _batches(data: Iterable[Batch], criterion: str) -> list[Batch]:
 
 
 def _ones_like_inputs(gm: nn.Module, inputs: Sequence[Tensor] | None) -> list[Tensor]:
-    """All-ones inputs, batch of one, shaped like ``inputs`` or the graph's placeholders."""
+    """All-ones inputs, batch of one, shaped like ``inputs`` or the graph's placeholders.
+
+    They are created on the model's device and, for floating inputs, in its dtype.
+    """
+    device, dtype = model_placement(gm)  # the model's device and dtype, not the trace's
     if inputs is not None:
         if isinstance(inputs, Tensor):
             inputs = (inputs,)
-        return [torch.ones((1, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in inputs]
+        return [
+            torch.ones(
+                (1, *t.shape[1:]),
+                dtype=dtype if t.dtype.is_floating_point and dtype is not None else t.dtype,
+                device=device,
+            )
+            for t in inputs
+        ]
     metas = []
     if isinstance(gm, fx.GraphModule):
-        metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        while placeholders and placeholders[-1].args:
+            if placeholders[-1].meta.get("tensor_meta", 0) is not None:
+                break
+            placeholders.pop()  # an optional argument left at its non-tensor default
+        metas = [n.meta.get("tensor_meta") for n in placeholders]
     if not metas or any(m is None or not hasattr(m, "shape") for m in metas):
         raise RewriterError(
             "SynFlow needs the input shape: pass inputs=(example,) or rewrite the model with "
             "example inputs (rewriter.rewrite(model, passes, example_inputs))"
         )
-    return [torch.ones((1, *m.shape[1:]), dtype=m.dtype) for m in metas]
+    return [
+        torch.ones(
+            (1, *m.shape[1:]),
+            dtype=dtype if m.dtype.is_floating_point and dtype is not None else m.dtype,
+            device=device,
+        )
+        for m in metas
+    ]

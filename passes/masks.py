@@ -162,3 +162,16 @@ def sparsity(gm: nn.Module) -> dict[str, float]:
     zeros = sum(float((m == 0).sum()) for m in masks.values())
     out["global"] = zeros / total if total else 0.0
     return out
+
+
+def model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    """The device of ``model``'s first parameter or buffer and its first floating dtype.
+
+    CPU and ``None`` for a model without tensors. Helpers that build tensors for a model
+    (default example inputs, masks) create them there, so that a model on an
+    accelerator, on the ``meta`` device or in float64 gets inputs it can run on.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
+    return device, dtype

@@ -62,12 +62,18 @@ runs the second pass of this module, ``skip_freeze`` (:class:`SkipFreeze`, optio
 
 Choices where ``PAPERS.md`` leaves room:
 
-* sparsity loss: ``sum_k (1 / L) sum_{l learned} CE(logits[k, l], skip)``, i.e. per task
-  the mean over all ``L`` blocks with the blocks the curriculum forces to select counting
-  0: they are not pushed towards skip before they can learn (the authors' code also
-  restricts it to the learned blocks), and the push per block stays the same as the
-  curriculum grows (the code's mean over the learned blocks pushes the first block to
-  enter the curriculum, alone, ``L`` times harder than once all ``L`` blocks learn);
+* sparsity loss (``sparsity_mean="all"``, default): ``sum_k (1 / L) sum_{l learned}
+  CE(logits[k, l], skip)``, i.e. per task the mean over all ``L`` blocks with the blocks
+  the curriculum forces to select counting 0: they are not pushed towards skip before
+  they can learn, and the push per block stays the same as the curriculum grows.
+  ``sparsity_mean="learned"`` is the authors' code: the mean over the *learned* blocks
+  only, ``sum_k (1 / |learned|) sum_{l learned} CE``, which pushes each learned block
+  ``L / |learned|`` times harder while the curriculum is partial (1.5x with 2 of 3
+  blocks learned; the first block to enter the curriculum, alone, ``L`` times) and
+  equals the default once every block learns. We keep the constant push as the default
+  so that one ``sparsity_weight`` means the same thing at every stage of the curriculum
+  (on the digits even the weaker default form needed 0.02 instead of the authors' 0.05,
+  see the README);
 * sharing loss: ``sum_{i<j} sum_l w_l |logits[i, l, select] - logits[j, l, select]|`` on
   the raw logits over all blocks; ``w_l = (L - l) / L`` with ``l = 0..L-1`` (``"paper"``:
   1 for the first block down to ``1/L``), ``"code"`` is the authors' ``(l + 1) / L``, or
@@ -174,6 +180,7 @@ class SkipPolicy(RewriterModule):
         sparsity_weight: float = 0.05,
         sharing_weight: float = 0.05,
         sharing_weights: WeightSpec = "paper",
+        sparsity_mean: str = "all",
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -181,6 +188,9 @@ class SkipPolicy(RewriterModule):
             raise ValueError(f"need at least one task and one block, got {tasks} and {len(blocks)}")
         self.blocks = tuple(blocks)
         self.eval_policy = eval_policy
+        if sparsity_mean not in ("all", "learned"):
+            raise ValueError(f"sparsity_mean must be 'all' or 'learned', got {sparsity_mean!r}")
+        self.sparsity_mean = sparsity_mean
         self.sparsity_weight = float(sparsity_weight)
         self.sharing_weight = float(sharing_weight)
         count = len(self.blocks)
@@ -215,9 +225,17 @@ class SkipPolicy(RewriterModule):
         return torch.stack([p_select, p_skip], dim=-1)
 
     def sparsity_loss(self) -> Tensor:
-        """``sum_k (1 / L) sum_{l learned} CE(logits[k, l], skip)`` (0 when none is learned)."""
+        """``sum_k (1 / n) sum_{l learned} CE(logits[k, l], skip)`` (0 when none is learned).
+
+        ``n = L`` (``sparsity_mean="all"``) or the number of learned blocks (``"learned"``,
+        the authors' code).
+        """
         ce = -torch.log_softmax(self.logits, dim=-1)[..., SKIP]  # (tasks, blocks)
-        return (ce * self.learned.to(ce.dtype)).mean(-1).sum()
+        learned = self.learned.to(ce.dtype)
+        total = (ce * learned).sum(-1).sum()
+        if self.sparsity_mean == "all":
+            return total / ce.shape[-1]
+        return total / learned.sum().clamp_min(1.0)
 
     def sharing_loss(self, weights: WeightSpec | None = None) -> Tensor:
         """``sum_{i<j} sum_l w_l |logits[i, l, select] - logits[j, l, select]|``."""
@@ -296,6 +314,12 @@ class SkipGates(Pass):
         "w_l of the sharing loss: 'paper' (L-l)/L, 'code' (l+1)/L, or one float per block",
         nonnegative(),  # for the list form; the strings are checked by their Literal type
     )
+    sparsity_mean: Literal["all", "learned"] = option(
+        "all",
+        "sparsity loss per task: mean over 'all' L blocks (unlearned count 0) or over the "
+        "'learned' ones (the authors' code)",
+        choices("all", "learned"),
+    )
     include: tuple[str, ...] = option(
         (), "globs of block names (module scope or add node) to gate", anything()
     )
@@ -308,6 +332,10 @@ class SkipGates(Pass):
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.eval_policy not in ("argmax", "softmax"):
             raise ValueError(f"eval_policy must be 'argmax' or 'softmax', got {self.eval_policy!r}")
+        if self.sparsity_mean not in ("all", "learned"):
+            raise ValueError(
+                f"sparsity_mean must be 'all' or 'learned', got {self.sparsity_mean!r}"
+            )
         if isinstance(self.sharing_weights, str) and self.sharing_weights not in ("paper", "code"):
             raise ValueError(
                 f"sharing_weights must be 'paper', 'code' or a list, got {self.sharing_weights!r}"
@@ -342,6 +370,7 @@ class SkipGates(Pass):
             sparsity_weight=self.sparsity_weight,
             sharing_weight=self.sharing_weight,
             sharing_weights=self.sharing_weights,
+            sparsity_mean=self.sparsity_mean,
             device=None if ref is None else ref.device,
         )
         graph = gm.graph

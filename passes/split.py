@@ -121,6 +121,7 @@ from .masks import (
     MaskedConv3d,
     MaskedLinear,
     _Masked,
+    model_placement,
 )
 
 __all__ = [
@@ -666,6 +667,7 @@ def _example_inputs(
     if given is not None:
         return tuple(given)
     gen = torch.Generator().manual_seed(0)
+    device, dtype = model_placement(gm)
     inputs = []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
@@ -675,8 +677,12 @@ def _example_inputs(
             raise RewriterError(
                 f"extract_fit needs example inputs: input {node.name!r} has no recorded shape"
             )
-        inputs.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+        # float inputs follow the model (it may have moved or changed dtype since tracing)
+        want = dtype if meta.dtype.is_floating_point and dtype is not None else meta.dtype
+        value = torch.randn(tuple(meta.shape), generator=gen)  # drawn on the CPU: reproducible
+        inputs.append(value.to(device=device, dtype=want))
     return tuple(inputs)
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -249,8 +249,8 @@ def test_snip_and_grasp_leave_the_model_untouched() -> None:
     gm = net()
     gm.train()
     before = state(gm)
-    lt.snip(gm, batches(), 0.3, train_mode=True)
-    lt.grasp(gm, batches(), 0.2, train_mode=True)
+    lt.snip(gm, batches(), 0.3, mode="train")
+    lt.grasp(gm, batches(), 0.2, mode="train")
     for key, value in state(gm).items():
         assert torch.equal(value, before[key]), key  # BN running stats restored too
     assert all(p.grad is None for p in gm.parameters())
@@ -566,3 +566,65 @@ def test_pruned_models_save_and_load(tmp_path) -> None:
         back = rw.load(path)
         assert all(torch.equal(get_masks(back)[k], v) for k, v in get_masks(gm).items())
         torch.testing.assert_close(back.eval()(x), gm.eval()(x))
+
+
+# ---------------------------------------------------------------------------
+# Scoring mode (GraSP's reference code: train mode) and the model's device and dtype
+# ---------------------------------------------------------------------------
+
+
+def test_snip_and_grasp_score_in_the_requested_batchnorm_mode() -> None:
+    data = batches()
+    by_mode = {}
+    for mode in ("eval", "train"):
+        gm = net()
+        gm.eval()  # the caller's mode does not matter: the scoring mode does
+        weights = {n: layer.weight for n, layer in lt.masked_layers(gm).items()}
+        getattr(gm, mode)()
+        loss = sum(F.cross_entropy(gm(x), y) for x, y in data)
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        expected = {n: (g * w).abs() for (n, w), g in zip(weights.items(), grads, strict=True)}
+        gm.eval()
+        scores = lt.snip_scores(gm, data, mode=mode)
+        for name, value in expected.items():
+            torch.testing.assert_close(scores[name], value)
+        by_mode[mode] = scores
+        assert not gm.training  # restored
+    assert not torch.allclose(by_mode["eval"]["stem"], by_mode["train"]["stem"])
+    train_grasp = lt.grasp_scores(net(), data, mode="train")
+    eval_grasp = lt.grasp_scores(net(), data)
+    assert not torch.allclose(train_grasp["stem"], eval_grasp["stem"])
+    with pytest.raises(rw.RewriterError, match="mode"):
+        lt.snip_scores(net(), data, mode="batch")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", [lt.Snip, lt.GraSP])
+def test_data_passes_take_the_mode_option(cls) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    model = Net()
+    via_pass = rw.rewrite(model, [cls.with_data(batches(), density=0.3, mode="train")], (x,))
+    direct = rw.rewrite(model, ["masks"], (x,))
+    prune = lt.snip if cls is lt.Snip else lt.grasp
+    prune(direct, batches(), 0.3, mode="train")
+    assert all(torch.equal(get_masks(via_pass)[k], v) for k, v in get_masks(direct).items())
+    assert rw.make_pass((cls.name, {"density": 0.3})).mode == "eval"  # the documented default
+    with pytest.raises(rw.OptionError, match="mode"):
+        rw.make_pass((cls.name, {"density": 0.3, "mode": "batch"}))
+
+
+def test_synflow_default_inputs_follow_the_models_device_and_dtype() -> None:
+    from rewriter.passes.lottery_scores import _ones_like_inputs
+
+    gm = net()  # traced in float32 on the CPU
+    on_meta = copy.deepcopy(gm).to("meta")
+    (ones,) = _ones_like_inputs(on_meta, None)
+    assert ones.device.type == "meta" and ones.shape == (1, 3, 8, 8)
+    (given,) = _ones_like_inputs(on_meta, (torch.zeros(5, 3, 8, 8),))
+    assert given.device.type == "meta"
+    double = copy.deepcopy(gm).double()
+    (ones,) = _ones_like_inputs(double, None)
+    assert ones.dtype == torch.float64
+    lt.synflow(double, 0.3, iterations=3)  # runs on the float64 model without inputs
+    assert lt.current_density(double) == pytest.approx(0.3, abs=1e-3)
+    assert all(m.dtype == torch.float64 for m in get_masks(double).values())

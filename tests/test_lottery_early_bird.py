@@ -166,6 +166,27 @@ def test_detector_update_draws_from_the_model() -> None:
         lt.EarlyBird().ticket_masks  # noqa: B018
 
 
+def test_start_records_the_initial_weights_mask_as_the_authors_do() -> None:
+    gm = net()
+    initial = lt.bn_channel_masks(gm, 0.5)
+    detector = lt.EarlyBird(ratio=0.5, window=2)
+    detector.start(gm)  # the mask at the start of epoch 0
+    assert detector.started and detector.epochs == 1
+    assert all(torch.equal(detector.masks[0][k], v) for k, v in initial.items())
+    with torch.no_grad():  # "training" moves the gammas: the mask after epoch 0 differs
+        for bn in lt.bn_layers(gm).values():
+            bn.weight.mul_(-1).add_(torch.linspace(-1, 1, bn.weight.numel()))
+    assert not detector.update(gm)  # start of epoch 1: compared with the initial mask
+    assert detector.distances and detector.distances[0] > 0.1
+    assert detector.update(gm)  # start of epoch 2: the same mask again
+    assert detector.fired_at == 3 and detector.fired_epoch == 2  # after 2 training epochs
+    plain = lt.EarlyBird(ratio=0.5, window=2)  # without start(): one mask fewer
+    assert not plain.update(gm) and plain.update(gm)
+    assert plain.fired_at == 2 and plain.fired_epoch == 2
+    with pytest.raises(rw.RewriterError, match="before the first update"):
+        plain.start(gm)
+
+
 def test_bn_producers_and_slim_channel_masks() -> None:
     gm = net()
     assert lt.bn_producers(gm) == {

@@ -353,6 +353,31 @@ def test_sparsity_loss_by_hand(three_tasks: fx.GraphModule) -> None:
     assert sparsity_loss(three_tasks).item() == 0.0
 
 
+def test_sparsity_mean_over_learned_blocks_is_the_authors_form() -> None:
+    gm = gated(zoo.create("resnet8"), tasks=2, sparsity_mean="learned")  # 3 blocks
+    policy = skip_policy(gm)
+    assert policy.sparsity_mean == "learned"
+    default = gated(zoo.create("resnet8"), tasks=2)
+    with torch.no_grad():
+        logits = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(0))
+        policy.logits.copy_(logits)
+        skip_policy(default).logits.copy_(logits)
+    ce = -torch.log_softmax(logits, dim=-1)[..., 1]  # (tasks, blocks) towards skip
+    for learned in (1, 2, 3):
+        set_learned_blocks(gm, learned)
+        set_learned_blocks(default, learned)
+        on = ce[:, 3 - learned :]  # the curriculum learns the last blocks
+        torch.testing.assert_close(sparsity_loss(gm), on.mean(-1).sum())
+        torch.testing.assert_close(sparsity_loss(default), on.sum(-1).sum() / 3)
+    set_learned_blocks(gm, 2)
+    set_learned_blocks(default, 2)  # 2 of 3 learned: the authors' form is 1.5x stronger
+    assert sparsity_loss(gm).item() == pytest.approx(1.5 * sparsity_loss(default).item())
+    set_learned_blocks(gm, 0)
+    assert sparsity_loss(gm).item() == 0.0
+    with pytest.raises(rw.OptionError, match="sparsity_mean"):
+        rw.make_pass(("skip_gates", {"sparsity_mean": "max"}))
+
+
 def test_sharing_loss_by_hand(three_tasks: fx.GraphModule) -> None:
     # select logits per task: [1, 2], [3, -1], [0, 4]
     # paper w = [1, 1/2]: |1-3| + |2+1|/2 = 3.5; |1-0| + |2-4|/2 = 2; |3-0| + |-1-4|/2 = 5.5

@@ -576,6 +576,24 @@ def test_extract_fit_default_inputs_come_from_the_recorded_shapes() -> None:
     )
 
 
+def test_default_inputs_follow_the_models_device_and_dtype() -> None:
+    import copy
+
+    from rewriter.passes.split import _example_inputs
+
+    gm = split()  # traced in float32 on the CPU
+    (meta,) = _example_inputs(copy.deepcopy(gm).to("meta"), None)
+    assert meta.device.type == "meta" and meta.shape == (2, 3, 8, 8)
+    double = copy.deepcopy(gm).double()
+    (x,) = _example_inputs(double, None)
+    assert x.dtype == torch.float64
+    slim_net = extract_fit(double)  # the float64 model needs float64 default inputs
+    assert next(slim_net.parameters()).dtype == torch.float64
+    torch.testing.assert_close(
+        evaluate(slim_net, (inputs()[0].double(),)), fit_outputs(double, (inputs()[0].double(),))
+    )
+
+
 def test_extract_fit_rejects_edited_masks() -> None:
     gm = split()
     gm.block.conv2.fit_mask[0, 5] = True  # a reset column of a fit row
