@@ -1,6 +1,7 @@
 """Built-in passes, one module per technique. Importing this package registers them."""
 
-from . import lottery, masks, norm, saliency, skip, split
+from . import distill, lottery, masks, norm, saliency, skip, split
+from .distill import Distill, Distiller
 from .lottery import GraSP, Magnitude, RandomPrune, Snip, SynFlow
 from .masks import Masks
 from .norm import RBN, RepresentativeBatchNorm2d
@@ -9,6 +10,9 @@ from .skip import SkipFreeze, SkipGates, SkipMix, SkipPolicy
 from .split import Split
 
 __all__ = [
+    "Distill",
+    "Distiller",
+    "distill",
     "SkipFreeze",
     "SkipGates",
     "SkipMix",

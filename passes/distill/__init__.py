@@ -1,0 +1,618 @@
+"""Pass ``distill``: knowledge distillation as a rewrite (Hinton KD, Tf-KD self/reg, IE-KD).
+
+``student(x) => student(x)``, with a frozen teacher evaluated on the same input inside the
+same graph: the pass inserts one :class:`Distiller` module (named ``<logits node>_distill``,
+``fc_distill`` on the zoo CNNs) that receives the model's inputs, the student's logits and,
+for the feature methods, the student's tapped feature map; it runs the teacher and returns
+the logits unchanged (``preserves_outputs``). The losses of the last forward come through
+the library-wide protocol, so a training step reads::
+
+    out = gm(x)
+    loss = F.cross_entropy(out, y) + rewriter.aux_losses(gm, targets=y)
+
+Methods (PAPERS.md section 6; ``alpha``, ``temperature``, ``multiplier`` and ``reduction``
+default per method, shown in brackets):
+
+* ``hinton`` [0.9, 4, 1, batchmean]: ``(1 - a) CE + a T^2 m KL(softmax(t/T) || softmax(s/T))``.
+* ``tf_self`` [0.95, 6, 50, mean]: the same formula with a teacher that is a trained copy of
+  the student's own architecture (:func:`self_teacher`); the defaults are the Tf-KD authors'
+  ResNet-18 CIFAR-100 settings, with their reduction (KL averaged over batch x classes) and
+  multiplier (their MobileNetV2 setting is ``temperature=20, multiplier=1``).
+* ``tf_reg`` [0.1, 20, 1, batchmean]: no teacher module; the virtual teacher puts 0.99 on the
+  true class and spreads the rest evenly, softened by ``softmax(p_d / T)``; the student is not
+  temperature-scaled and there is no ``T^2``: ``(1 - a) CE + a m KL(p_virtual || softmax(s))``.
+  These defaults are ours: with ``batchmean`` and ``m = 1`` the loss is exactly label
+  smoothing (same gradient, the loss differs by a constant) at ``eps = K a q_off``, where
+  ``q_off`` is the virtual teacher's probability of a wrong class (0.0995 at T=20, K=10, so
+  eps = 0.0995 with a = 0.1); see ``tests/test_distill.py``. The authors' code uses
+  ``reduction="mean"`` with a multiplier; set them to reproduce it.
+* ``ie`` [weights 1, 1]: IE-KD. The teacher's tapped feature map goes through a frozen
+  auto-encoder's encoder (pretrain it with :func:`pretrain_autoencoder` before training);
+  the student's tapped map is split channel-wise (first ``C // 2`` channels: inheritance,
+  the rest: exploration), each half through its own encoder into the teacher code's shape;
+  ``aux = inherit_weight * L_inh + explore_weight * L_exp`` with
+  ``L_inh = mean |a/||a|| - b/||b|||`` (codes flattened per sample) and ``L_exp`` either
+  ``-L_inh`` of the exploration code (``exploration="neg_l1"``) or ``mean |cos|``
+  (``"abs_cos"``). No logit term: add ``hinton`` separately if you want both.
+* ``feature``: feature-only KD with the same machinery (one encoder over the whole student
+  map, ``aux = inherit_weight * L_inh``; Factor Transfer's loss), the control of the IE
+  examples.
+
+The CE part: ``aux_losses(gm, targets=y)`` returns the method's soft term **minus**
+``a * CE(s, y)`` (for ``hinton``, ``tf_self``, ``tf_reg``), so that the usual
+``F.cross_entropy(out, y) + aux`` is exactly the paper's ``(1 - a) CE + ...``. It is meant to
+be added to the plain, mean-reduced cross-entropy of the same logits; if you use another
+task loss, subtract nothing yourself and know that ``a * CE`` is taken off it. The feature
+methods do not touch the CE. KL reductions: ``batchmean`` is the KL summed over classes
+(and positions) divided by the batch size; ``mean`` divides by every element.
+
+The teacher (given from Python with :meth:`Distill.with_teacher`, or as the ``teacher``
+option: ``zoo:NAME`` (plus ``teacher_weights``, a safetensors or state-dict file), the path
+of a rewriter artifact or a ``.pt2`` program) is deep-copied into the distiller and
+**frozen**: its parameters become buffers (:func:`rewriter.passes.distill.ie.freeze`), so
+``gm.parameters()`` and therefore the optimizer and DDP never see them, while
+``state_dict()`` saves them (``<distill>.teacher.*``); it always stays in eval mode
+(``gm.train()`` does not reach it) and runs under ``torch.no_grad()``. Factory teachers
+(``package.module:function``) are refused as options, because a pipeline file must not make
+us import code; build such a teacher in Python and use :meth:`Distill.with_teacher`. The
+feature methods trace the teacher and tap it by qualified node or module name
+(``teacher_tap``; default, like ``student_tap``: the last 4-D feature map that feeds a
+global pooling or a flatten, i.e. the last map before global pooling). IE-KD's
+trainable parts (the student's encoders) *are* parameters: they train with the student and
+are dropped by :func:`strip`.
+
+Save and load: with a ``teacher`` option the saved pipeline rebuilds the teacher and the
+artifact stores its weights (so the artifact is self-contained for zoo teachers; file
+teachers must still exist at load). A teacher given from Python cannot be replayed by
+``rewriter.load`` (it says so); save :func:`strip` (the plain student) instead, or give the
+teacher as an artifact path. DDP: the teacher's buffers are broadcast from rank 0 with the
+other buffers (``broadcast_buffers=True``); they are identical on every rank anyway.
+
+Running the pass on a model that already has a distiller is a no-op (noted in the report).
+Helpers: :func:`distiller`, :func:`strip`, :func:`self_teacher`, :func:`pretrain_autoencoder`;
+IE-DML (two students, each the other's teacher) is :class:`MutualIE` in
+:mod:`rewriter.passes.distill.dml`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from rewriter.context import RewriteContext
+from rewriter.errors import OptionError, RewriterError
+from rewriter.manager import _propagate_shapes
+from rewriter.modules import RewriterModule
+from rewriter.registry import Pass, make_pass, option, register
+from rewriter.tracing import trace
+
+from . import ie, losses
+from .ie import (
+    AutoEncoder,
+    Encoder,
+    batch_inputs,
+    freeze,
+    latent_channels,
+    match_size,
+    split_channels,
+    thaw,
+)
+from .losses import Reduction
+
+__all__ = [
+    "DEFAULTS",
+    "Distill",
+    "Distiller",
+    "default_tap",
+    "distiller",
+    "find_tap",
+    "losses",
+    "pretrain_autoencoder",
+    "self_teacher",
+    "strip",
+]
+
+Method = Literal["hinton", "tf_self", "tf_reg", "ie", "feature"]
+Exploration = Literal["neg_l1", "abs_cos"]
+LOGIT_METHODS = ("hinton", "tf_self", "tf_reg")
+FEATURE_METHODS = ("ie", "feature")
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "hinton": {"alpha": 0.9, "temperature": 4.0, "multiplier": 1.0, "reduction": "batchmean"},
+    "tf_self": {"alpha": 0.95, "temperature": 6.0, "multiplier": 50.0, "reduction": "mean"},
+    "tf_reg": {"alpha": 0.1, "temperature": 20.0, "multiplier": 1.0, "reduction": "batchmean"},
+    "ie": {"alpha": 0.0, "temperature": 1.0, "multiplier": 1.0, "reduction": "batchmean"},
+    "feature": {"alpha": 0.0, "temperature": 1.0, "multiplier": 1.0, "reduction": "batchmean"},
+}
+"""Per-method defaults of the options left unset (``None``)."""
+
+
+class Distiller(RewriterModule):
+    """``(inputs, logits, taps) -> logits``; runs the frozen teacher and keeps the last forward.
+
+    Submodules: ``teacher`` (frozen: buffers only, eval mode; absent for ``tf_reg``); for the
+    feature methods also ``autoencoder`` (frozen after :func:`pretrain_autoencoder`) and the
+    student's trainable encoders ``inherit`` and ``explore`` (``ie``) or ``encoder``
+    (``feature``). ``aux_loss(targets=y)`` is the method's loss of the last forward.
+    """
+
+    AUX_LOSS_KEYS: ClassVar[frozenset[str]] = frozenset({"targets"})
+
+    def __init__(
+        self,
+        method: str,
+        teacher: nn.Module | None,
+        *,
+        alpha: float,
+        temperature: float,
+        multiplier: float,
+        reduction: Reduction,
+        inherit_weight: float = 1.0,
+        explore_weight: float = 1.0,
+        exploration: str = "neg_l1",
+        teacher_channels: int = 0,
+        student_channels: int = 0,
+        latent_ratio: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.alpha = alpha
+        self.temperature = temperature
+        self.multiplier = multiplier
+        self.reduction = reduction
+        self.inherit_weight = inherit_weight
+        self.explore_weight = explore_weight
+        self.exploration = exploration
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.split: tuple[int, int] = (0, 0)
+        if method in FEATURE_METHODS:
+            latent = latent_channels(teacher_channels, latent_ratio)
+            self.autoencoder = freeze(AutoEncoder(teacher_channels, latent))
+            self.register_buffer("autoencoder_trained", torch.zeros((), dtype=torch.bool))
+            if method == "ie":
+                self.split = split_channels(student_channels)
+                if min(self.split) < 1:
+                    raise RewriterError(
+                        f"IE-KD splits the student's tapped map into two halves; it has only "
+                        f"{student_channels} channel(s). Tap a wider feature map (student_tap=...)"
+                    )
+                self.inherit = Encoder(self.split[0], latent)
+                self.explore = Encoder(self.split[1], latent)
+            else:
+                self.encoder = Encoder(student_channels, latent)
+        self.last_logits: Tensor | None = None
+        self.last_teacher_logits: Tensor | None = None
+        self.last_teacher_code: Tensor | None = None
+        self.last_codes: tuple[Tensor, ...] | None = None
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Train or eval the student's parts; the teacher and the auto-encoder stay in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        if hasattr(self, "autoencoder"):
+            self.autoencoder.eval()
+        return self
+
+    def forward(
+        self, inputs: tuple[Tensor, ...], logits: Tensor, taps: tuple[Tensor, ...]
+    ) -> Tensor:
+        if self.teacher is not None:
+            with torch.no_grad():
+                out = self.teacher(*inputs)
+            if self.method in FEATURE_METHODS:
+                out, teacher_feature = out
+                with torch.no_grad():
+                    code = self.autoencoder.encoder(teacher_feature)
+                self.last_teacher_code = code
+                self.last_codes = self._student_codes(taps[0], code)
+            self.last_teacher_logits = _first(out)
+        self.last_logits = logits
+        return logits
+
+    def _student_codes(self, feature: Tensor, teacher_code: Tensor) -> tuple[Tensor, ...]:
+        if self.method == "ie":
+            inherit, explore = torch.split(feature, list(self.split), dim=1)
+            return (
+                match_size(self.inherit(inherit), teacher_code),
+                match_size(self.explore(explore), teacher_code),
+            )
+        return (match_size(self.encoder(feature), teacher_code),)
+
+    # -- losses (the library-wide protocol) ------------------------------------------------
+    def aux_loss(self, **context: Any) -> Tensor:
+        """The method's loss of the last forward (see the module docstring for each formula)."""
+        logits = self._last("last_logits")
+        if self.method in FEATURE_METHODS:
+            return self._feature_loss()
+        targets = context.get("targets")
+        if targets is None:
+            raise RewriterError(
+                f"distill ({self.method}) needs the labels: rewriter.aux_losses(gm, targets=y)"
+            )
+        a, m = self.alpha, self.multiplier
+        if self.method == "tf_reg":
+            soft = losses.tf_reg_term(logits, targets, self.temperature, self.reduction)
+        else:
+            teacher = self._last("last_teacher_logits")
+            soft = losses.kd_term(logits, teacher, self.temperature, self.reduction)
+        return a * m * soft - a * F.cross_entropy(logits, targets)
+
+    def _feature_loss(self) -> Tensor:
+        if not torch.compiler.is_compiling() and not bool(self.autoencoder_trained):
+            raise RewriterError(
+                f"distill ({self.method}): the teacher's auto-encoder is untrained; call "
+                "rewriter.passes.distill.pretrain_autoencoder(gm, batches) before training"
+            )
+        codes = self._last("last_codes")
+        teacher = self._last("last_teacher_code")
+        loss = self.inherit_weight * losses.normalized_l1(codes[0], teacher)
+        if self.method == "ie":
+            loss = loss + self.explore_weight * losses.exploration_loss(
+                codes[1], teacher, self.exploration
+            )
+        return loss
+
+    def _last(self, attr: str) -> Any:
+        value = getattr(self, attr)
+        if value is None:
+            raise RewriterError(
+                "the distilled model has not run a forward yet; call it on a batch before "
+                "asking for its losses"
+            )
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # last_* carry autograd graphs: neither copied nor pickled
+        for attr in ("last_logits", "last_teacher_logits", "last_teacher_code", "last_codes"):
+            state[attr] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, alpha={self.alpha}, temperature={self.temperature}, "
+            f"multiplier={self.multiplier}, reduction={self.reduction!r}"
+        )
+
+
+@register
+@dataclass(frozen=True)
+class Distill(Pass):
+    """student(x) => student(x) with a frozen teacher inside; KD losses via aux_losses(gm, targets=y).
+
+    Options: ``method`` (``hinton``, ``tf_self``, ``tf_reg``, ``ie``, ``feature``), the
+    teacher (``teacher`` string or :meth:`with_teacher`), ``alpha``, ``temperature``,
+    ``multiplier``, ``reduction`` (``None``: the method's default, :data:`DEFAULTS`), the
+    taps and the IE-KD weights. Outputs preserved; adds ``<logits>_distill``.
+    """
+
+    name = "distill"
+    preserves_outputs = True
+
+    method: Method = option("hinton", "hinton | tf_self | tf_reg | ie | feature")
+    teacher: str = option(
+        "",
+        "teacher model: zoo:NAME, or an artifact/.pt2 path; empty: given from Python "
+        "(Distill.with_teacher) or none (tf_reg)",
+    )
+    teacher_weights: str = option("", "weights file (safetensors or state dict) for a zoo teacher")
+    alpha: float | None = option(
+        None, "weight a of the soft term; default by method (0.9, 0.95, 0.1)"
+    )
+    temperature: float | None = option(None, "softmax temperature T; default by method (4, 6, 20)")
+    multiplier: float | None = option(
+        None, "Tf-KD multiplier m on the soft term; default by method (1, 50, 1)"
+    )
+    reduction: Literal["batchmean", "mean"] | None = option(
+        None,
+        "KL reduction: batchmean (per sample) or mean (over batch x classes); default by method",
+    )
+    student_tap: str = option(
+        "", "student feature map (node or module name); empty: last map before pooling"
+    )
+    teacher_tap: str = option(
+        "", "teacher feature map (node or module name); empty: last map before pooling"
+    )
+    inherit_weight: float = option(1.0, "IE-KD / feature: weight of L_inh")
+    explore_weight: float = option(1.0, "IE-KD: weight of L_exp")
+    exploration: Exploration = option(
+        "neg_l1", "IE-KD L_exp: neg_l1 (-L_inh) or abs_cos (mean |cos|)"
+    )
+    latent_ratio: float = option(
+        0.5, "IE-KD / feature: code channels = round(ratio * teacher channels)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in DEFAULTS:
+            raise ValueError(f"method must be one of {list(DEFAULTS)}, got {self.method!r}")
+        for key, value in DEFAULTS[self.method].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        for key in ("multiplier", "inherit_weight", "explore_weight"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.latent_ratio <= 4.0:
+            raise ValueError(f"latent_ratio must be in (0, 4], got {self.latent_ratio}")
+        if self.reduction not in ("batchmean", "mean"):
+            raise ValueError(f"reduction must be 'batchmean' or 'mean', got {self.reduction!r}")
+        if self.method == "tf_reg" and self.teacher:
+            raise ValueError("tf_reg uses a virtual teacher; do not give a teacher")
+        if self.teacher_weights and not self.teacher:
+            raise ValueError("teacher_weights needs a teacher option (zoo:NAME)")
+
+    @classmethod
+    def with_teacher(cls, teacher: nn.Module, **options: Any) -> Distill:
+        """This pass with a teacher module from Python (deep-copied and frozen at rewrite time).
+
+        A saved pipeline keeps the options, not the module, so ``rewriter.load`` cannot
+        replay such a pass (it raises an error saying so): save :func:`strip` of the
+        trained student, or give the teacher as an artifact path option.
+        """
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"with_teacher expects an nn.Module, got {type(teacher).__name__}")
+        if options.get("teacher"):
+            raise OptionError(
+                "give the teacher either as a module or as the 'teacher' option, not both"
+            )
+        if options.get("method") == "tf_reg":
+            raise OptionError(
+                "tf_reg uses a virtual teacher; use ('distill', {'method': 'tf_reg'})"
+            )
+        the_pass = make_pass((cls.name, options))
+        object.__setattr__(the_pass, "_teacher_module", teacher)
+        return the_pass  # type: ignore[return-value]
+
+    # -- the rewrite ----------------------------------------------------------------------
+    def apply(self, gm: fx.GraphModule, ctx: RewriteContext) -> None:
+        if any(isinstance(m, Distiller) for m in gm.modules()):
+            ctx.note("the model already has a distill module: nothing done")
+            return
+        teacher = self._teacher()
+        nodes = list(gm.graph.nodes)
+        inputs = [n for n in nodes if n.op == "placeholder"]
+        output = next(n for n in nodes if n.op == "output")
+        logits = _logits_node(output)
+        dummy = _dummy_inputs(inputs)
+        taps: tuple[fx.Node, ...] = ()
+        sizes: dict[str, Any] = {}
+        if self.method in FEATURE_METHODS:
+            if dummy is None:
+                raise RewriterError(
+                    f"distill ({self.method}) needs example inputs to size its encoders: "
+                    "give example_inputs to rewrite()"
+                )
+            student_tap = find_tap(gm, self.student_tap)
+            teacher, teacher_tap_shape = _tapped(teacher, self.teacher_tap, dummy)
+            taps = (student_tap,)
+            sizes = {
+                "teacher_channels": teacher_tap_shape[1],
+                "student_channels": _shape(student_tap)[1],
+                "latent_ratio": self.latent_ratio,
+            }
+            ctx.note(
+                f"taps: student {_label(student_tap)} {tuple(_shape(student_tap))}, teacher "
+                f"{tuple(teacher_tap_shape)}"
+            )
+        elif teacher is not None and dummy is not None:
+            _check_teacher_output(teacher, dummy, logits)
+        module = Distiller(
+            self.method,
+            teacher,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            multiplier=self.multiplier,
+            reduction=self.reduction,
+            inherit_weight=self.inherit_weight,
+            explore_weight=self.explore_weight,
+            exploration=self.exploration,
+            **sizes,
+        )
+        name = ctx.add_module(logits, "distill", module)
+        with gm.graph.inserting_before(output):
+            node = ctx.call_module(name, (tuple(inputs), logits, taps))
+        out = output.args[0]
+        output.args = (node if out is logits else type(out)([node, *out[1:]]),)
+        ctx.matches["distill"] += 1
+
+    def _teacher(self) -> nn.Module | None:
+        module = getattr(self, "_teacher_module", None)
+        if module is not None:
+            return copy.deepcopy(module)
+        if self.teacher:
+            return load_teacher(self.teacher, self.teacher_weights)
+        if self.method == "tf_reg":
+            return None
+        raise RewriterError(
+            f"distill ({self.method}) needs a teacher: in Python use "
+            "Distill.with_teacher(teacher_module, ...) as the pass; in a pipeline or on the "
+            "command line give teacher = 'zoo:NAME' (with teacher_weights) or an artifact path"
+        )
+
+
+def load_teacher(spec: str, weights: str = "") -> nn.Module:
+    """The teacher named by a ``teacher`` option: a zoo model or a model file, never a factory."""
+    from rewriter import io
+
+    spec = spec.strip()
+    if not (spec.startswith("zoo:") or io.is_file_source(spec) or ":" not in spec):
+        raise RewriterError(
+            f"teacher {spec!r} names a factory; a pass option cannot import code. Build the "
+            "teacher in Python and use Distill.with_teacher(teacher, ...), or save it as an "
+            "artifact (rewriter.save) and give its path"
+        )
+    teacher = io.resolve_source(spec)
+    if weights:
+        state = io.load_weights(weights)
+        try:
+            teacher.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise RewriterError(f"teacher weights {weights} do not fit {spec}: {exc}") from exc
+    return teacher
+
+
+# -- helpers on the graph ------------------------------------------------------------------
+
+
+def _logits_node(output: fx.Node) -> fx.Node:
+    out = output.args[0]
+    if isinstance(out, fx.Node):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], fx.Node):
+        return out[0]
+    raise RewriterError(
+        "distill needs a model that returns its logits (a tensor, or a tuple whose first "
+        f"element is the logits); this one returns {type(out).__name__}"
+    )
+
+
+def _first(out: Any) -> Any:
+    """A model's logits: its output, or the first element of a tuple output."""
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def _shape(node: fx.Node) -> torch.Size:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        raise RewriterError(f"node {node.name!r} has no tensor shape (give example inputs)")
+    return meta.shape
+
+
+def _label(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _dummy_inputs(inputs: Sequence[fx.Node]) -> tuple[Tensor, ...] | None:
+    metas = [n.meta.get("tensor_meta") for n in inputs]
+    if not metas or any(m is None or not hasattr(m, "shape") for m in metas):
+        return None
+    return tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+
+
+def _is_4d(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4
+
+
+def default_tap(gm: fx.GraphModule) -> fx.Node:
+    """The last 4-D map with H*W > 1 that feeds a global pooling or a flatten (else the last such map)."""
+    maps = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and _is_4d(n)]
+    if not maps:
+        raise RewriterError(
+            "found no 4-D feature map (N, C, H, W) to tap; the feature methods need a conv "
+            "network and example inputs"
+        )
+    spatial = [n for n in maps if n.meta["tensor_meta"].shape[2:].numel() > 1]
+    for node in reversed(spatial):
+        for user in node.users:
+            shape = getattr(user.meta.get("tensor_meta"), "shape", None)
+            if shape is not None and (len(shape) != 4 or shape[2:].numel() == 1):
+                return node
+    return (spatial or maps)[-1]
+
+
+def find_tap(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node named ``name`` (node name or module qualified name); ``""``: :func:`default_tap`."""
+    if not name:
+        return default_tap(gm)
+    for node in gm.graph.nodes:
+        if node.name == name or (node.op == "call_module" and node.target == name):
+            if not _is_4d(node):
+                raise RewriterError(f"tap {name!r} is not a 4-D feature map (N, C, H, W)")
+            return node
+    maps = [_label(n) for n in gm.graph.nodes if _is_4d(n)][-8:]
+    raise RewriterError(f"no node or module named {name!r} to tap; 4-D maps near the end: {maps}")
+
+
+def _tapped(
+    teacher: nn.Module | None, tap: str, inputs: tuple[Tensor, ...]
+) -> tuple[fx.GraphModule, torch.Size]:
+    """The teacher traced, returning ``(output, tapped map)``, and the map's shape."""
+    if teacher is None:  # pragma: no cover - tf_reg is not a feature method
+        raise RewriterError("the feature methods need a teacher")
+    teacher.eval()
+    gm = trace(teacher)
+    _propagate_shapes(gm, inputs)
+    node = find_tap(gm, tap)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = ((output.args[0], node),)
+    gm.recompile()
+    return gm, _shape(node)
+
+
+def _check_teacher_output(teacher: nn.Module, inputs: tuple[Tensor, ...], logits: fx.Node) -> None:
+    meta = logits.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return
+    teacher.eval()
+    with torch.no_grad():
+        out = _first(teacher(*inputs))
+    if not isinstance(out, Tensor) or out.shape != meta.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RewriterError(
+            f"the teacher returns {got} on the example inputs, the student's logits are "
+            f"{tuple(meta.shape)}; they must match"
+        )
+
+
+# -- training-time functions ---------------------------------------------------------------
+
+
+def distiller(gm: nn.Module) -> Distiller:
+    """The :class:`Distiller` the ``distill`` pass inserted into ``gm``."""
+    found = [m for m in gm.modules() if isinstance(m, Distiller)]
+    if not found:
+        raise RewriterError("this model has no distill module; rewrite it with the 'distill' pass")
+    return found[0]
+
+
+def strip(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` without the distiller: the plain student (teacher and encoders dropped)."""
+    work = copy.deepcopy(gm)
+    for node in list(work.graph.nodes):
+        if node.op == "call_module" and isinstance(work.get_submodule(str(node.target)), Distiller):
+            node.replace_all_uses_with(node.args[1])
+            work.graph.erase_node(node)
+            work.delete_submodule(str(node.target))
+    work.graph.lint()
+    work.recompile()
+    return work
+
+
+def self_teacher(trained: nn.Module) -> nn.Module:
+    """Tf-KD self's teacher: a frozen eval-mode copy of a normally trained student."""
+    if isinstance(trained, fx.GraphModule) and any(
+        isinstance(m, Distiller) for m in trained.modules()
+    ):
+        trained = strip(trained)
+    return freeze(copy.deepcopy(trained))
+
+
+def pretrain_autoencoder(
+    gm: nn.Module, batches: Iterable[Any], *, epochs: int = 20, lr: float = 1e-3
+) -> list[float]:
+    """Train the IE-KD teacher's auto-encoder to reconstruct the teacher's tapped map; freeze it.
+
+    ``batches`` are input tensors or ``(x, y)`` tuples. Returns the mean reconstruction
+    loss (MSE) of each epoch. The trained weights are copied into the distiller's frozen
+    auto-encoder (buffers), which then stays fixed while the student trains.
+    """
+    d = distiller(gm)
+    if d.method not in FEATURE_METHODS:
+        raise RewriterError(f"distill ({d.method}) has no auto-encoder; only 'ie' and 'feature' do")
+    with torch.no_grad():
+        features = [d.teacher(*batch_inputs(b))[1] for b in batches]
+    trainable = thaw(d.autoencoder)
+    history = ie.train_autoencoder(trainable, features, epochs=epochs, lr=lr)
+    d.autoencoder.load_state_dict(trainable.state_dict())
+    d.autoencoder_trained.fill_(True)
+    return history
