@@ -158,6 +158,96 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     return {name: spec(value) for name, value in bound.items()}
 
 
+_RESHAPES = {"view", "reshape"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _RESHAPES
+    return node.op == "call_function" and node.target in (
+        torch.reshape,
+        torch.ops.aten.view.default,
+        torch.ops.aten.reshape.default,
+    )
+
+
+def _is_expand(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "expand") or (
+        node.op == "call_function" and node.target is torch.ops.aten.expand.default
+    )
+
+
+def free_head_counts(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
+    """Write ``-1`` for sizes an exported program fixed, where ``-1`` means the same; in place.
+
+    ``expand(x, [B, 2, 2, S, D])`` keeps ``x``'s own sizes as ``-1``; a ``view``/``reshape``
+    without ``-1`` that merges several dims into one (``[B, 2, 2, S, D] -> [B, 4, S, D]``,
+    Hugging Face's ``repeat_kv``) gets ``-1`` there. Both are exact (same op, same result
+    shape), and both let the sizes follow heads removed by :func:`rewriter.slim`. Runs shape
+    propagation on ``inputs``; returns the number of nodes changed.
+    """
+    from .analysis.rules_structure import reshape_groups
+    from .manager import _propagate_shapes
+
+    _propagate_shapes(gm, tuple(inputs))
+    changed = 0
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.args else None
+        shape_in = _shape(src)
+        shape_out = _shape(node)
+        if shape_in is None or shape_out is None:
+            continue
+        if _is_expand(node):
+            sizes = _sizes(node)
+            new = len(sizes) - len(shape_in)
+            if new < 0 or len(sizes) != len(shape_out):
+                continue
+            fixed = [
+                -1 if k >= new and type(v) is int and v == shape_in[k - new] else v
+                for k, v in enumerate(sizes)
+            ]
+            if fixed != sizes:
+                _set_sizes(node, fixed)
+                changed += 1
+        elif _is_reshape(node):
+            sizes = _sizes(node)
+            if -1 in sizes or len(sizes) != len(shape_out):
+                continue
+            merges = [
+                b_lo
+                for a_lo, a_hi, b_lo, b_hi in reshape_groups(shape_in, shape_out) or ()
+                if b_hi - b_lo == 1 and sum(shape_in[k] != 1 for k in range(a_lo, a_hi)) > 1
+            ]
+            if len(merges) == 1 and type(sizes[merges[0]]) is int:
+                fixed = list(sizes)
+                fixed[merges[0]] = -1
+                _set_sizes(node, fixed)
+                changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else None
+
+
+def _sizes(node: fx.Node) -> list[Any]:
+    if node.op == "call_method":
+        raw = list(node.args[1:])
+        return list(raw[0]) if len(raw) == 1 and isinstance(raw[0], (list, tuple)) else raw
+    return list(node.args[1])
+
+
+def _set_sizes(node: fx.Node, sizes: list[Any]) -> None:
+    if node.op == "call_method":
+        node.args = (node.args[0], *sizes)
+    else:
+        node.args = (node.args[0], sizes, *node.args[2:])
+
+
 def export_graph(
     model: nn.Module,
     args: tuple[Any, ...] = (),
@@ -201,6 +291,7 @@ def export_graph(
 
     ordered = reorder_kwargs(kwargs, ep.call_spec.in_spec) if kwargs else {}
     inputs = tuple(pytree.tree_leaves((tuple(args), ordered)))
+    free_head_counts(gm, inputs)
     gm.meta[FRONTEND_KEY] = "export"
     gm.meta["rewriter_linearized"] = replaced
     source = getattr(model, "rewriter_source", None)
@@ -254,6 +345,7 @@ __all__ = [
     "FRONTENDS",
     "build_graph",
     "export_graph",
+    "free_head_counts",
     "frontend_of",
     "is_hf_model",
     "linearize_conv1d",

@@ -9,11 +9,14 @@ architecture (three of them in the slow run).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import rewriter as rw
+import rewriter.analysis.channels
 from rewriter.errors import OptionError, RewriterError, TraceError
 from rewriter.frontends import build_graph, export_graph, is_hf_model, split_inputs
 from rewriter.passes.masks import MASKED
@@ -136,3 +139,83 @@ def test_auto_falls_back_to_export_when_fx_fails_at_the_root() -> None:
     assert rw.report(net).frontend == "export" and rw.report(net).passes[0].fired == 1
     with pytest.raises(TraceError):
         rw.rewrite(_RootBranch(), ["masks"], x, frontend="fx")
+
+
+# -- heads, GQA groups and MLP channels ---------------------------------------------------------
+
+
+def attention_layers(name: str) -> list[dict[str, str]]:
+    """Per layer: the q, k, v, o projections and the MLP's input/output layers by role."""
+    if name == "bert":
+        p = "encoder.layer.{i}."
+        names = dict(q="attention.self.query", k="attention.self.key", v="attention.self.value",
+                     o="attention.output.dense", up="intermediate.dense", down="output.dense")
+    elif name == "gpt2":
+        p = "h.{i}."
+        names = dict(q="attn.c_attn", o="attn.c_proj", up="mlp.c_fc", down="mlp.c_proj")
+    elif name == "llama":
+        p = "layers.{i}."
+        names = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                     o="self_attn.o_proj", up="mlp.up_proj", gate="mlp.gate_proj",
+                     down="mlp.down_proj")
+    else:
+        p = "layers.{i}."
+        names = dict(q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
+                     o="attention.o_proj", up="mlp.fc1", down="mlp.fc2")
+    return [{k: p.format(i=i) + v for k, v in names.items()} for i in range(hf_models.LAYERS)]
+
+
+@pytest.mark.parametrize("name", list(hf_models.BUILDERS))
+def test_channel_groups_list_heads_and_mlp_channels(lifted, name: str) -> None:
+    model, kwargs, gm, inputs = lifted[name]
+    analysis = rw.analysis.channels.channel_groups(gm, inputs)
+    units = hf_models.KV_HEADS if name == "llama" else hf_models.HEADS  # GQA: whole kv groups
+    for layer in attention_layers(name):
+        heads = analysis.group_of(layer["o"], "in")
+        assert heads.prunable and heads.size == units
+        assert heads.layers_in() == [layer["o"]]
+        producers = [layer[r] for r in ("q", "k", "v") if r in layer]
+        assert heads.layers_out() == producers
+        per_unit = 64 // units
+        assert heads.members_of(layer["o"], "in")[0].span == per_unit
+        mlp = analysis.group_of(layer["down"], "in")
+        assert mlp.prunable and mlp.size == hf_models.MLP
+        assert mlp.layers_out() == [layer[r] for r in ("gate", "up") if r in layer]
+    assert len(analysis.prunable()) == 2 * hf_models.LAYERS
+    residual = analysis.group_of(attention_layers(name)[0]["o"], "out")
+    assert not residual.prunable
+    norm = "RMSNorm statistics" if name == "llama" else "LayerNorm"
+    assert norm in residual.reason
+
+
+def half_of_every_group(analysis) -> dict[int, range]:
+    return {g.id: range(g.size // 2) for g in analysis.prunable()}
+
+
+@pytest.mark.parametrize("name", list(hf_models.BUILDERS))
+def test_slim_half_the_heads_and_mlp_is_exact_against_the_masked_dense_model(
+    lifted, name: str
+) -> None:
+    model, kwargs, gm, inputs = lifted[name]
+    analysis = rw.analysis.channels.channel_groups(gm, inputs)
+    drops = half_of_every_group(analysis)
+    masked = rw.mask_channels(copy.deepcopy(gm), analysis, drops)
+    small = rw.slim(gm, inputs, rw.group_masks(analysis, drops))
+    with torch.no_grad():
+        dense, masked_out, small_out = gm(*inputs), masked(*inputs), small(*inputs)
+    assert close(small_out, masked_out) < 1e-5
+    assert close(masked_out, dense) > 1e-3  # the masks did change the function
+    for layer in attention_layers(name):
+        o = small.get_submodule(layer["o"])
+        assert o.in_features == 32  # half of the 4 heads of 16 channels
+        assert small.get_submodule(layer["down"]).in_features == hf_models.MLP // 2
+        if "k" in layer:
+            kv = small.get_submodule(layer["k"]).out_features
+            assert kv == (16 if name == "llama" else 32)
+            assert (o.in_features // 16) % (kv // 16) == 0
+        else:  # GPT-2's packed qkv: three pieces of 32, the split sizes rewritten
+            assert small.get_submodule(layer["q"]).out_features == 96
+    before = sum(p.numel() for p in gm.parameters())
+    after = sum(p.numel() for p in small.parameters())
+    per_layer = 4 * 32 * 64 - (32 * 3 if name != "llama" else 0)  # q, k, v, o (+ biases)
+    assert after < before - hf_models.LAYERS * per_layer // 2

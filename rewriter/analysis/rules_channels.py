@@ -491,3 +491,13 @@ def lookup(c: Coupler, node: fx.Node) -> Handler | None:
     else:
         handler = None
     return handler
+
+
+# Attention heads, GQA groups, RMSNorm and the aten calls of lifted programs.
+from .rules_attention import FUNCTIONS as _ATTENTION  # noqa: E402
+from .rules_attention import METHODS as _ATTENTION_METHODS  # noqa: E402
+from .rules_attention import MODULES as _ATTENTION_MODULES  # noqa: E402
+
+FUNCTIONS.update(_ATTENTION)
+METHODS.update(_ATTENTION_METHODS)
+MODULES.update(_ATTENTION_MODULES)
