@@ -1,4 +1,4 @@
-"""Lottery tickets and pruning at initialisation (``PAPERS.md`` section 7), on top of ``masks``.
+"""Lottery tickets and pruning at initialisation (``docs/methods/lottery.md``), on top of ``masks``.
 
 One namespace for four modules:
 

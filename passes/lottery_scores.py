@@ -1,7 +1,7 @@
 """Pruning criteria: score every masked weight, keep the best ``density``, set the masks.
 
 ``conv/linear(x) -> same layer with weight * weight_mask``, the mask keeping the
-highest-scoring weights (Synaptic-Flow's conventions, ``PAPERS.md`` section 7).
+highest-scoring weights (Synaptic-Flow's conventions, ``docs/methods/lottery.md``).
 
 Scores (higher = more important; every criterion keeps the highest):
 

@@ -1,7 +1,7 @@
 """Pass ``rbn``: BatchNorm2d replaced by Representative BatchNorm (Gao et al., CVPR 2021).
 
 ``bn(x) -> rbn(x)`` with running statistics, gamma, beta, eps, momentum and
-``track_running_stats`` carried over. Follows ``PAPERS.md`` section 2:
+``track_running_stats`` carried over. Follows the paper (``docs/methods/rbn.md``):
 
 1. centering calibration ``X' = X + w_m * mean_hw(X)`` (not in place);
 2. batch normalisation of ``X'`` without affine (batch statistics in training,

@@ -1,4 +1,4 @@
-"""Pass ``skip_gates``: AdaShare per-task select-or-skip of residual blocks (``PAPERS.md`` section 4).
+"""Pass ``skip_gates``: AdaShare per-task select-or-skip of residual blocks (``docs/methods/adashare.md``).
 
 Before => after, for every residual block found by
 :func:`rewriter.analysis.blocks.residual_blocks` (zoo ResNets' basic and bottleneck
@@ -60,7 +60,7 @@ runs the second pass of this module, ``skip_freeze`` (:class:`SkipFreeze`, optio
 ``select`` and ``task``), so each frozen graph's pipeline records its policy and
 :func:`rewriter.save` / :func:`rewriter.load` round-trip it.
 
-Choices where ``PAPERS.md`` leaves room:
+Choices where the paper leaves room:
 
 * sparsity loss (``sparsity_mean="all"``, default): ``sum_k (1 / L) sum_{l learned}
   CE(logits[k, l], skip)``, i.e. per task the mean over all ``L`` blocks with the blocks
@@ -80,7 +80,7 @@ Choices where ``PAPERS.md`` leaves room:
   an explicit list of ``L`` weights;
 * ``sample_policy`` / ``argmax_policy`` return select for blocks the curriculum still
   forces to select (that is what the network computes for them);
-* the loss coefficients ``sparsity_weight`` and ``sharing_weight`` (``PAPERS.md`` gives
+* the loss coefficients ``sparsity_weight`` and ``sharing_weight`` (the paper gives
   none) default to 0.05 each, the authors' ``reg_w`` and ``reg_w_hamming`` in their
   NYU-v2 configs; they are stored on ``skip_policy`` for :func:`aux_losses`.
 """

@@ -1,4 +1,4 @@
-"""Pass ``split``: Knowledge Evolution's fit and reset hypotheses (``PAPERS.md`` section 1).
+"""Pass ``split``: Knowledge Evolution's fit and reset hypotheses (``docs/methods/ke.md``).
 
 ``conv/linear(x) => the same layer computing with weight * where(fit_mask, s_fit, s_reset)``
 

@@ -1,4 +1,4 @@
-"""Tests of the ``rbn`` pass and ``RepresentativeBatchNorm2d`` (PAPERS.md section 2).
+"""Tests of the ``rbn`` pass and ``RepresentativeBatchNorm2d`` (docs/methods/rbn.md).
 
 The reference implementation below is written out step by step with explicit
 torch ops, independently of the module, so the formula is pinned:

@@ -1,4 +1,4 @@
-"""Tests of the ``skip_gates`` pass and its training-time functions (PAPERS.md section 4).
+"""Tests of the ``skip_gates`` pass and its training-time functions (docs/methods/adashare.md).
 
 Hand-computed references pin the formulas:
 

@@ -1,7 +1,7 @@
 """The standard property suite, runnable against any pass (a user's own included).
 
 :func:`check_pass` rewrites one model with one pass and asserts the contracts
-every pass keeps (DESIGN.md): the input model is not mutated; the graph lints;
+every pass keeps (docs/architecture.md): the input model is not mutated; the graph lints;
 output shapes are unchanged; outputs are preserved where the pass declares it;
 original parameter and buffer names are kept; no two names share a tensor that
 the input model did not share; running the pass again is a no-op or a clear
