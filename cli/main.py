@@ -1,15 +1,23 @@
 """The ``rewriter`` command line: apply, check, inspect, export, passes, info.
 
 Exit codes: 0 success; 2 a user error (unknown pass or option, bad value,
-missing or unreadable file, invalid pipeline, existing output), printed as
+missing, unreadable or refused file, invalid pipeline, existing or unwritable
+output, a limit exceeded, a model factory that fails), printed as
 ``error: <message>`` without a traceback; 1 an unexpected failure, with a hint
 to rerun with ``--debug``. Progress lines go to stderr and are silenced by
 ``--json``; results go to stdout.
+
+Files are data: nothing named in or contained in a file given to the CLI is
+imported, called or unpickled without the matching trust flag
+(``--trust-source``, ``--trust-pickle``), and ``sys.path`` only changes to import
+a factory the user typed (as MODEL or in their own ``--pipeline``), with the
+working directory appended last so that it cannot shadow an installed module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -24,8 +32,9 @@ import click
 import rewriter
 from rewriter import io
 from rewriter import pipeline as pl
-from rewriter.errors import RewriterError
+from rewriter.errors import OutputExistsError, RewriterError
 from rewriter.manager import PassRecord
+from rewriter.registry import LIMITS, option_limits
 
 from .specs import parse_key_values, parse_value, pass_from_spec
 from .summary import inspect_model, inspect_text
@@ -58,10 +67,20 @@ class _Cli(click.Group):
             hint = f"\nTry '{exc.ctx.command_path} --help' for help." if exc.ctx else ""
             _error(f"{exc.format_message()}{hint}")
             ctx.exit(2)
+        except OutputExistsError as exc:
+            if debug:
+                traceback.print_exc()
+            _error(exc.cli_message())
+            ctx.exit(2)
         except (RewriterError, *_USER_OS_ERRORS) as exc:
             if debug:
                 traceback.print_exc()
-            _error(str(exc))
+            _error(str(exc).replace("force=True", "--force"))
+            ctx.exit(2)
+        except RecursionError:
+            if debug:
+                traceback.print_exc()
+            _error("the input is nested too deeply to read (a crafted file?)")
             ctx.exit(2)
         except Exception as exc:
             if debug:
@@ -91,11 +110,73 @@ def _progress(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def _importable_cwd() -> None:
-    """Let ``package.module:function`` name a module in the current directory."""
+def _is_factory(spec: str | None) -> bool:
+    return bool(spec) and ":" in spec and not spec.startswith("zoo:") and not (
+        io.is_file_source(spec)
+    )
+
+
+def _importable_cwd(spec: str | None) -> None:
+    """Let a factory the user typed (``package.module:function``) live in the working directory.
+
+    Only for a factory: zoo models, model files and artifacts never change
+    ``sys.path``. The directory is appended last, so a stray ``sympy.py`` or
+    ``colorsys.py`` in it cannot shadow an installed module.
+    """
+    if not _is_factory(spec):
+        return
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
+
+
+def limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--max-passes``, ``--max-input-elements`` and ``--allow-large-options``: the
+    command runs under these :func:`rewriter.option_limits`."""
+
+    @functools.wraps(f)
+    def limited(
+        *args: Any,
+        max_passes: int,
+        max_input_elements: int,
+        allow_large_options: bool,
+        **kwargs: Any,
+    ) -> Any:
+        with option_limits(
+            not allow_large_options,
+            max_passes=max_passes,
+            max_input_elements=max_input_elements,
+        ):
+            return f(*args, **kwargs)
+
+    limited = click.option(
+        "--allow-large-options",
+        is_flag=True,
+        help="Lift the resource limits of pass options (e.g. synflow iterations <= 10000).",
+    )(limited)
+    limited = click.option(
+        "--max-input-elements",
+        type=click.IntRange(min=1),
+        default=LIMITS.max_input_elements,
+        show_default=True,
+        help="Largest example input to build (batch times shape, in elements).",
+    )(limited)
+    return click.option(
+        "--max-passes",
+        type=click.IntRange(min=1),
+        default=LIMITS.max_passes,
+        show_default=True,
+        help="Most passes a pipeline, an artifact or the command line may hold.",
+    )(limited)
+
+
+def trust_source_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--trust-source",
+        is_flag=True,
+        help="Allow importing and calling the model factory named inside an artifact. "
+        "Importing runs that module's code: only for files you trust.",
+    )(f)
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -225,6 +306,9 @@ def _pipeline_from_file(
     """The pipeline file with the command line's MODEL, input and outputs applied."""
     file = Path(path)
     document = pl.read_document(file)
+    table = document.get("model")
+    if model is None and isinstance(table, dict) and isinstance(table.get("source"), str):
+        _importable_cwd(table["source"].strip())  # the user's own pipeline names a factory
     if model is not None:
         if "model" in document:
             raise click.UsageError(
@@ -285,6 +369,8 @@ def _pipeline_from_file(
 )
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @click.option("--seed", type=int, help="Seed for the model's initial weights (0).")
+@trust_source_option
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of the table.")
 @click.pass_context
 def apply(
@@ -302,6 +388,7 @@ def apply(
     export_path: str | None,
     force: bool,
     seed: int | None,
+    trust_source: bool,
     as_json: bool,
 ) -> None:
     """Apply passes to MODEL and save the result as an artifact.
@@ -324,7 +411,8 @@ def apply(
         raise
     options = _model_options(model_opts)
     inputs = _input_spec(input_shape, batch, dtype)
-    _importable_cwd()
+    _same_outputs(ctx, output, export_path)
+    _importable_cwd(model)
     if pipeline_file is not None:
         if pass_specs:
             raise click.UsageError(
@@ -355,8 +443,19 @@ def apply(
         raise click.UsageError(
             "nothing to write: give -o/--output (or [output] path in the pipeline)", ctx
         )
-    result = pl.run(p, trust_pickle=trust_pickle, progress=_progress(as_json))
+    result = pl.run(
+        p, trust_pickle=trust_pickle, trust_source=trust_source, progress=_progress(as_json)
+    )
     _apply_report(result, as_json)
+
+
+def _same_outputs(ctx: click.Context, output: str | None, export: str | None) -> None:
+    """``-o X --export X`` is refused before any work (with --force one would replace the other)."""
+    if output is not None and export is not None:
+        if Path(output).expanduser().resolve() == Path(export).expanduser().resolve():
+            raise click.UsageError(
+                f"-o/--output and --export name the same file ({output}); give two paths", ctx
+            )
 
 
 def _param(ctx: click.Context, name: str) -> click.Parameter:
@@ -402,16 +501,19 @@ def _apply_report(result: pl.Result, as_json: bool) -> None:
 @cli.command()
 @click.argument("pipeline_file", metavar="PIPELINE")
 @click.option("--trust-pickle", is_flag=True, help="Accept a pickled model file as source.")
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check(pipeline_file: str, trust_pickle: bool, as_json: bool) -> None:
     """Validate a pipeline file without running it (exit 0: valid, 2: invalid).
 
     Every problem is reported at once, with its key path (pass[2].options.rate;
     [[pass]] tables count from 1) and the closest valid name for misspelt ones.
+    Nothing is imported or run: a factory (package.module:function) is checked by
+    name only, and the output says so. Passes that need data from Python (snip,
+    grasp) are problems, as `apply` would refuse them.
     """
-    _importable_cwd()
     try:
-        p = pl.read(pipeline_file, trust_pickle=trust_pickle)
+        p = pl.read(pipeline_file, trust_pickle=trust_pickle, import_factories=False)
     except pl.PipelineError as exc:
         if not as_json:
             raise
@@ -424,12 +526,18 @@ def check(pipeline_file: str, trust_pickle: bool, as_json: bool) -> None:
         "input": p.input.table() if p.input else None,
         "output": str(p.output.path) if p.output.path else None,
         "export": str(p.output.export) if p.output.export else None,
+        "not_imported": list(p.not_imported),
     }
     if as_json:
         _json(summary)
         return
     names = ", ".join(x.name for x in p.passes) or "no passes"
     click.echo(f"ok: {pipeline_file}: {p.source or '(model from the command line)'}; {names}")
+    for factory in p.not_imported:
+        click.echo(
+            f"note: the factory {factory} was not imported (check reads names only); "
+            "`rewriter apply` imports it"
+        )
 
 
 # -- inspect ----------------------------------------------------------------------------------
@@ -440,6 +548,8 @@ def check(pipeline_file: str, trust_pickle: bool, as_json: bool) -> None:
 @model_options
 @input_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initial weights.")
+@trust_source_option
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(
     model: str,
@@ -450,6 +560,7 @@ def inspect(
     batch: int | None,
     dtype: str | None,
     seed: int,
+    trust_source: bool,
     as_json: bool,
 ) -> None:
     """Summarise MODEL: layers, parameters, MACs, residual blocks, channel groups.
@@ -457,7 +568,7 @@ def inspect(
     MODEL is anything `rewriter apply` accepts (zoo model, factory, .pt2 program,
     artifact). Opaque (untraceable) submodules are listed with the reason.
     """
-    _importable_cwd()
+    _importable_cwd(model)
     p = pl.Pipeline(
         source=model,
         options=_model_options(model_opts),
@@ -467,7 +578,7 @@ def inspect(
     )
     say = _progress(as_json)
     say(f"building {model}")
-    built = pl.build_model(p, trust_pickle=trust_pickle)
+    built = pl.build_model(p, trust_pickle=trust_pickle, trust_source=trust_source)
     inputs = p.input.make() if p.input is not None else io.default_inputs(built)
     say("tracing and analysing")
     info = inspect_model(built, inputs, model)
@@ -492,6 +603,8 @@ def inspect(
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @input_options
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled source model.")
+@trust_source_option
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export(
     artifact: str,
@@ -501,6 +614,7 @@ def export(
     batch: int | None,
     dtype: str | None,
     trust_pickle: bool,
+    trust_source: bool,
     as_json: bool,
 ) -> None:
     """Write an eval-mode torch.export program of ARTIFACT for deployment.
@@ -514,12 +628,17 @@ def export(
       rewriter export resnet20.safetensors -o resnet20.pt2
     """
     out = Path(output)
+    if io.is_file_source(artifact) and Path(artifact).exists():
+        if Path(artifact).resolve() == out.expanduser().resolve():
+            raise click.UsageError(f"-o/--output names ARTIFACT itself ({output}); give another path")
     io.check_output(out, force=force)
-    _importable_cwd()
+    _importable_cwd(artifact)
+    spec = _input_spec(input_shape, batch, dtype)
     say = _progress(as_json)
     say(f"loading {artifact}")
-    gm = io.resolve_source(_model_source(artifact), trust_pickle=trust_pickle)
-    spec = _input_spec(input_shape, batch, dtype)
+    gm = io.resolve_source(
+        _model_source(artifact), trust_pickle=trust_pickle, trust_source=trust_source
+    )
     inputs = spec.make() if spec is not None else io.default_inputs(gm)
     if inputs is None:
         raise click.UsageError(
@@ -548,11 +667,13 @@ def _pass_info(name: str, cls: type[rewriter.Pass]) -> dict[str, Any]:
         "name": name,
         "summary": cls.summary(),
         "preserves_outputs": preserves,
+        "needs_data": pl.needs_data(cls),
         "options": [
             {
                 "name": s.name,
                 "type": s.type_name,
                 "default": s.default,
+                "domain": s.domain.describe(),
                 "help": s.help,
             }
             for s in rewriter.option_specs(cls)
@@ -576,12 +697,21 @@ def passes(as_json: bool) -> None:
         ]
         click.echo(f"{info['name']}: {info['summary']}")
         click.echo(f"  preserves outputs: {preserves}")
+        if info["needs_data"]:
+            click.echo(
+                "  needs data from Python: training batches cannot be given on the command "
+                "line or in a pipeline file (use the pass's with_data(...) in Python)"
+            )
         if not info["options"]:
             click.echo("  options: none")
             continue
         click.echo("  options:")
         rows = [
-            (o["name"], f"{o['type']} = {json.dumps(o['default'])}", o["help"])
+            (
+                o["name"],
+                f"{o['type']} = {json.dumps(o['default'])}",
+                o["help"] if o["domain"] == "any value" else f"{o['help']} [{o['domain']}]",
+            )
             for o in info["options"]
         ]
         widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
@@ -616,15 +746,38 @@ def info(artifact: str, as_json: bool, as_toml: bool) -> None:
         click.echo(f"weights: {model['weights']} (sha256 {model.get('weights_sha256', '?')})")
     if model.get("leaves"):
         click.echo(f"leaves: {', '.join(model['leaves'])}")
-    if isinstance(document.get("input"), dict):
-        table = document["input"]
-        shape = [table.get("batch", 2), *table.get("shape", [])]
-        click.echo(f"input: {'x'.join(map(str, shape))} {table.get('dtype', 'float32')}")
+    click.echo(f"input: {_input_line(document)}")
     click.echo("passes:" if document.get("pass") else "passes: none")
     for i, p in enumerate(document.get("pass", []), 1):
         click.echo(f"  {i}. {p['name']} {_options_text(io.stored_options(p))}".rstrip())
     versions = document.get("versions", {})
     click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+def _input_line(document: dict[str, Any]) -> str:
+    """The example input an artifact records, or the zoo default it implies, or none."""
+    table = document.get("input")
+    if isinstance(table, dict) and isinstance(table.get("shape"), list):
+        shape = [table.get("batch", 2), *table["shape"]]
+        return f"{'x'.join(map(str, shape))} {table.get('dtype', 'float32')}"
+    source = str(document["model"].get("source", ""))
+    if source.startswith("zoo:"):
+        from rewriter import zoo
+
+        name = source.removeprefix("zoo:")
+        options = io.stored_options(document["model"])
+        if name in zoo.names():
+            try:
+                inputs = zoo.example_inputs(name, **options)
+            except Exception:  # options the zoo rejects: the artifact is damaged
+                inputs = None
+            if inputs:
+                shapes = ", ".join(
+                    f"{'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')}"
+                    for x in inputs
+                )
+                return f"{shapes} (the zoo model's default)"
+    return "none recorded (export needs --input-shape)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,8 @@ def parse_value(text: str) -> Any:
         document = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise click.BadParameter(f"value {text[:40]!r}... is nested too deeply") from None
     value = document.get("v")
     if set(document) != {"v"} or isinstance(value, (datetime.date, datetime.time)):
         return text  # several keys, or a TOML date: keep the user's text

@@ -46,3 +46,22 @@ class PassError(RewriterError):
 
 class ArtifactError(RewriterError):
     """A saved artifact or weights file is missing, malformed or does not match its model."""
+
+
+class OutputExistsError(ArtifactError):
+    """An output file exists and replacing it was not allowed (``force=False``)."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+        super().__init__(f"{path} already exists; pass force=True to replace it")
+
+    def cli_message(self) -> str:
+        return f"{self.path} already exists; pass --force to replace it"
+
+
+class OutputWriteError(ArtifactError, OSError):
+    """Writing an output failed (unwritable directory, full disk); also an ``OSError``."""
+
+
+class UnsafeFileError(ArtifactError):
+    """A file would run code, unpickle objects or exhaust resources when read; refused."""

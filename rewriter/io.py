@@ -55,7 +55,10 @@ import importlib
 import inspect
 import os
 import pickle
+import re
 import shutil
+import stat
+import time
 import tomllib
 import uuid
 import warnings
@@ -71,7 +74,7 @@ from safetensors import SafetensorError, safe_open
 from torch import fx, nn
 
 from .api import rewrite
-from .errors import ArtifactError, RewriterError
+from .errors import ArtifactError, OutputExistsError, OutputWriteError, RewriterError
 from .manager import REPORT_KEY, report
 from .tracing import Tracer
 from .zoo import plain as _plain
@@ -106,6 +109,7 @@ def resolve_source(
     *,
     sha256: str | None = None,
     trust_pickle: bool = False,
+    trust_source: bool = False,
 ) -> nn.Module:
     """Build the model named by ``spec`` with keyword ``options``.
 
@@ -128,17 +132,25 @@ def resolve_source(
     if not isinstance(spec, str) or not spec.strip():
         raise ArtifactError(f"model source must be a non-empty string, got {spec!r}")
     spec = spec.strip()
+    if not spec.startswith("zoo:") and Path(spec).is_dir():
+        raise ArtifactError(
+            f"{spec} is a directory. MODEL is a model file (a .pt2 program or a rewriter "
+            "artifact), a zoo model (zoo:NAME) or a factory (package.module:function)"
+        )
     if is_file_source(spec):
-        return _file_model(Path(spec), options, sha256=sha256, trust_pickle=trust_pickle)
+        return _file_model(
+            Path(spec), options, sha256=sha256, trust_pickle=trust_pickle, trust_source=trust_source
+        )
     if spec.startswith("zoo:") or ":" not in spec:
-        return _zoo_model(spec.removeprefix("zoo:"), options)
+        return _zoo_model(spec, options)
     factory = _import_factory(spec)
     _check_signature(spec, factory, options)
     try:
         model = factory(**options)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # the user's factory may raise anything
         raise ArtifactError(
-            f"model factory {spec!r} failed with options {options}: {type(exc).__name__}: {exc}"
+            f"model factory {spec!r} failed{_with_options(options)}: {type(exc).__name__}: "
+            f"{_first_line(exc)}. Check the factory and its options (--model-option)"
         ) from exc
     if not isinstance(model, nn.Module):
         raise ArtifactError(
@@ -168,11 +180,7 @@ def file_format(path: str | os.PathLike[str]) -> str:
     ``torch.save`` pickle), ``"zip"`` (another zip file) or ``"unknown"``.
     Raises :class:`ArtifactError` when the file is missing.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"no such file: {path}")
-    if path.is_dir():
-        raise ArtifactError(f"{path} is a directory, not a model file")
+    path = regular_file(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
@@ -193,8 +201,47 @@ def file_format(path: str | os.PathLike[str]) -> str:
     return "unknown"
 
 
+def regular_file(path: str | os.PathLike[str], what: str = "file") -> Path:
+    """``path``, checked to be an existing regular file before anything reads it.
+
+    Directories, devices (``/dev/zero``), FIFOs and sockets raise
+    :class:`ArtifactError`: reading them could hang or never end.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"no such {what}: {path}") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise ArtifactError(f"{path} is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO (named pipe)"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )
+        raise ArtifactError(f"{path} is {kind}; rewriter reads regular files only")
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _with_options(options: Mapping[str, Any]) -> str:
+    if not options:
+        return ""
+    return " with options " + ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
 def sha256_of(path: str | os.PathLike[str]) -> str:
-    """The hex SHA-256 digest of a file's bytes."""
+    """The hex SHA-256 digest of a regular file's bytes."""
+    path = regular_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -214,7 +261,12 @@ _PICKLE_HELP = (
 
 
 def _file_model(
-    path: Path, options: dict[str, Any], *, sha256: str | None, trust_pickle: bool
+    path: Path,
+    options: dict[str, Any],
+    *,
+    sha256: str | None,
+    trust_pickle: bool,
+    trust_source: bool = False,
 ) -> nn.Module:
     if not path.exists():
         raise ArtifactError(f"no such model file: {path}")
@@ -286,22 +338,26 @@ def _unpickle_model(path: Path, trust_pickle: bool) -> nn.Module:
     return obj
 
 
-def _zoo_model(name: str, options: dict[str, Any]) -> nn.Module:
+def _zoo_model(spec: str, options: dict[str, Any]) -> nn.Module:
     from . import zoo
 
+    name = spec.removeprefix("zoo:")
     if name not in zoo.names():
         import difflib
 
         close = difflib.get_close_matches(name, zoo.names(), n=1)
         hint = f" Did you mean 'zoo:{close[0]}'?" if close else ""
         raise ArtifactError(
-            f"unknown model source {name!r}: not a zoo model.{hint} Use 'zoo:NAME' with one of "
+            f"unknown model source {spec!r}: not a zoo model.{hint} Use 'zoo:NAME' with one of "
             f"{', '.join(zoo.names())}, or an importable factory 'package.module:function'"
         )
     try:
         return zoo.create(name, **options)
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"cannot build zoo model {name!r}: {exc}") from exc
+    except Exception as exc:  # a bad option value fails anywhere inside the constructor
+        raise ArtifactError(
+            f"cannot build zoo model {name!r}{_with_options(options)}: {type(exc).__name__}: "
+            f"{_first_line(exc)}. Check the option values (--model-option)"
+        ) from exc
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:
@@ -321,9 +377,10 @@ def _import_factory(spec: str) -> Callable[..., Any]:
         raise ArtifactError(
             f"importing {module_name!r} for model source {spec!r} failed: {exc}"
         ) from exc
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, SyntaxError, or whatever the module raises
         raise ArtifactError(
-            f"importing {module_name!r} for model source {spec!r} failed: {exc}"
+            f"importing {module_name!r} for model source {spec!r} failed: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
         ) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -457,9 +514,25 @@ def apply_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
 def inputs_from_table(table: Mapping[str, Any], seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded random example inputs for an ``[input]`` table (shape, batch, dtype)."""
     shape = [int(table.get("batch", 2)), *(int(s) for s in table["shape"])]
+    check_input_size(shape)
     dtype = DTYPES[table.get("dtype", "float32")]
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype),)
+
+
+def check_input_size(shape: Sequence[int]) -> None:
+    """Refuse an example input with more elements than ``LIMITS.max_input_elements``."""
+    from .registry import LIMITS
+
+    elements = 1
+    for size in shape:
+        elements *= int(size)
+    if elements > LIMITS.max_input_elements:
+        raise ArtifactError(
+            f"the example input {'x'.join(map(str, shape))} has {elements:,} elements, above "
+            f"the limit of {LIMITS.max_input_elements:,}; raise it with --max-input-elements "
+            "(Python: rewriter.option_limits(max_input_elements=...)) if you mean it"
+        )
 
 
 def default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -597,10 +670,74 @@ def check_output(path: str | os.PathLike[str], *, force: bool = False) -> None:
     blocking = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise ArtifactError(f"cannot write {path}: {blocking} is not a directory")
+    if blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write {path}: the directory {blocking} is not writable")
     if path.is_dir():
         raise ArtifactError(f"cannot write {path}: it is a directory")
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise ArtifactError(f"cannot write {path}: it exists and is not a regular file")
     if path.exists() and not force:
-        raise ArtifactError(f"{path} already exists; pass force=True (CLI: --force) to replace it")
+        raise OutputExistsError(path)
+
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[0-9a-f]{12}\.tmp")
+_LEGACY_TEMP_AGE = 3600.0  # seconds; temp files without a writer pid
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh temporary sibling of ``path``: ``.NAME.PID-RANDOM.tmp``."""
+    _remove_stale_temps(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files of earlier writes to ``path`` whose writer is gone.
+
+    A write killed with SIGKILL cannot clean up after itself; its temp file names
+    the writer's pid, so the next write to the same target removes it once that
+    process no longer exists. Temp files of older releases (no pid) are removed
+    when they are more than an hour old.
+    """
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMP.fullmatch(entry.name)
+        if match is None or match["name"] != path.name:
+            continue
+        if match["pid"] is not None:
+            if _process_alive(int(match["pid"])):
+                continue
+        else:
+            try:
+                if time.time() - entry.lstat().st_mtime < _LEGACY_TEMP_AGE:
+                    continue
+            except OSError:
+                continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _write_error(path: Path, exc: BaseException) -> OutputWriteError:
+    reason = getattr(exc, "strerror", None) or _first_line(exc)
+    return OutputWriteError(
+        f"cannot write {path}: {reason}. Choose a writable directory, or free some space"
+    )
 
 
 def _dumps(document: dict[str, Any]) -> str:
@@ -663,16 +800,20 @@ def save(
     metadata = {"format": "pt", METADATA_KEY: _dumps(document)}
     tensors = _tensors(gm)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = path
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path)
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, _default_mode())  # safetensors creates files readable by the owner only
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _publish(tmp, path, force)
+    except (OSError, SafetensorError) as exc:
+        raise _write_error(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp != path:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -691,14 +832,10 @@ def _publish(tmp: Path, path: Path, force: bool) -> None:
     try:
         os.link(tmp, path)  # atomic and fails if ``path`` exists
     except FileExistsError:
-        raise ArtifactError(
-            f"{path} already exists; pass force=True (CLI: --force) to replace it"
-        ) from None
+        raise OutputExistsError(path) from None
     except OSError:  # a file system without hard links
         if path.exists():
-            raise ArtifactError(
-                f"{path} already exists; pass force=True (CLI: --force) to replace it"
-            ) from None
+            raise OutputExistsError(path) from None
         os.replace(tmp, path)
 
 
@@ -733,18 +870,22 @@ def export(
             f"torch.export could not export the model: {type(exc).__name__}: {first} "
             "(rerun with --debug for the full error)"
         ) from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp_dir.mkdir()
-    tmp = tmp_dir / path.name  # the archive's root folder is named after the file
+    tmp_dir = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = _temp_path(path)
+        tmp_dir.mkdir()
+        tmp = tmp_dir / path.name  # the archive's root folder is named after the file
         torch.export.save(program, tmp)
         os.chmod(tmp, _default_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _publish(tmp, path, force)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
@@ -752,10 +893,7 @@ def export(
 
 
 def _open_metadata(path: Path) -> dict[str, str]:
-    if not path.exists():
-        raise ArtifactError(f"no such artifact: {path}")
-    if path.is_dir():
-        raise ArtifactError(f"{path} is a directory, not an artifact file")
+    regular_file(path, "artifact")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -784,8 +922,9 @@ def read_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
     text = pipeline_text(path)
     try:
         document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ArtifactError(f"{path}: the pipeline metadata is not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ArtifactError(f"{path}: the pipeline metadata is not valid TOML: {reason}") from None
     if document.get("format") != FORMAT:
         raise ArtifactError(f"{path}: the metadata is not a {FORMAT} pipeline")
     version = document.get("format_version")
@@ -805,6 +944,14 @@ def read_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
         isinstance(p, dict) and isinstance(p.get("name"), str) for p in passes
     ):
         raise ArtifactError(f"{path}: malformed [[pass]] entries in the pipeline metadata")
+    from .registry import LIMITS
+
+    if len(passes) > LIMITS.max_passes:
+        raise ArtifactError(
+            f"{path}: the pipeline has {len(passes)} passes, above the limit of "
+            f"{LIMITS.max_passes}; raise it with --max-passes (Python: "
+            "rewriter.option_limits(max_passes=...)) if you trust the file"
+        )
     return document
 
 

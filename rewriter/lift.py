@@ -53,6 +53,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
+from . import pt2gate
 from .errors import ArtifactError, RewriterError
 
 LIFT_KEY = "rewriter_lift"
@@ -927,22 +928,14 @@ def _archive_problems(path: Path) -> list[str]:
 def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> ExportedProgram:
     """Load the ``torch.export`` program saved at ``path``.
 
-    Unless ``trust_pickle``, the archive is checked first and refused if loading it
-    would unpickle anything beyond plain tensors (``torch.export.load`` falls back
-    to full unpickling for some parts). Raises :class:`ArtifactError` for missing,
-    unreadable or refused files.
+    The archive is checked first by :func:`rewriter.pt2gate.check` and refused if
+    loading it would unpickle anything beyond plain tensors, evaluate a symbolic
+    expression or guard outside a strict grammar, or call a non-operator target;
+    ``trust_pickle`` trusts the whole archive. Raises :class:`ArtifactError` for
+    missing, unreadable or refused files.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"no such .pt2 file: {path}")
-    if not trust_pickle:
-        problems = _archive_problems(path)
-        if problems:
-            raise ArtifactError(
-                f"refusing to load {path}: {'; '.join(problems)}. Loading it would run "
-                "pickle, which can execute arbitrary code. If you trust the file, pass "
-                "--trust-pickle (Python: trust_pickle=True)"
-            )
+    pt2gate.check(path, trust_pickle=trust_pickle)  # before torch reads a byte of it
     try:
         return torch.export.load(path)
     except Exception as exc:  # torch raises many types for damaged archives

@@ -196,7 +196,7 @@ def run_passes(
             raise PassError(str(exc), pass_name=p.name, history=history, node=exc.node, rule=exc.rule) from exc
         except Exception as exc:
             raise PassError(
-                f"{type(exc).__name__}: {exc}",
+                str(exc) if isinstance(exc, RewriterError) else f"{type(exc).__name__}: {exc}",
                 pass_name=p.name,
                 history=history,
                 node=ctx.current_node,

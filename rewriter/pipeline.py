@@ -56,7 +56,7 @@ from torch import fx, nn
 
 from . import io
 from .api import rewrite
-from .errors import ArtifactError, OptionError, RewriterError
+from .errors import ArtifactError, OptionError, OutputExistsError, RewriterError
 from .manager import Checks, evaluate
 from .registry import LIMITS, Pass, coerce, domain_problem, make_pass, option_specs, registered
 
@@ -68,6 +68,7 @@ INPUT_KEYS = ("shape", "batch", "dtype")
 PASS_KEYS = ("name", "options", "null_options")
 OUTPUT_KEYS = ("path", "force", "export")
 CHECK_TYPES: dict[str, Any] = typing.get_type_hints(Checks)
+MAX_PIPELINE_BYTES = 1 << 20  # a pipeline file is a short recipe
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Pipeline:
     checks: Checks = Checks()
     output: OutputSpec = OutputSpec()
     file: Path | None = None
+    not_imported: tuple[str, ...] = ()  # factories named but not imported (``check``)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -153,11 +155,16 @@ def parse(
 
     Keyword ``options`` go to :func:`validate`. Raises :class:`PipelineError`.
     """
+    return validate(_loads(text, where), base=base, where=where, **options)
+
+
+def _loads(text: str, where: str) -> dict[str, Any]:
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError([Problem("", f"not valid TOML: {exc}")], where) from None
-    return validate(document, base=base, where=where, **options)
+    except RecursionError:
+        raise PipelineError([Problem("", "not valid TOML: nested too deeply")], where) from None
 
 
 def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -165,13 +172,26 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
+        if path.exists() and not path.is_dir():
+            what = "is not a regular file (a device or FIFO?)"
         raise PipelineError([Problem("", f"the pipeline file {what}")], str(path))
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_PIPELINE_BYTES:
+            raise PipelineError(
+                [
+                    Problem(
+                        "",
+                        f"the file has {size:,} bytes; a pipeline file is at most "
+                        f"{MAX_PIPELINE_BYTES:,}",
+                    )
+                ],
+                str(path),
+            )
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PipelineError([Problem("", f"cannot read it: {exc}")], str(path)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PipelineError([Problem("", f"not valid TOML: {exc}")], str(path)) from None
+    return _loads(text, str(path))
 
 
 def read(path: str | os.PathLike[str], **options: Any) -> Pipeline:
@@ -195,10 +215,14 @@ def _show(value: Any) -> str:
 
 
 class _Validator:
-    def __init__(self, base: Path, check_files: bool, trust_pickle: bool) -> None:
+    def __init__(
+        self, base: Path, check_files: bool, trust_pickle: bool, import_factories: bool
+    ) -> None:
         self.base = base
         self.check_files = check_files
         self.trust_pickle = trust_pickle
+        self.import_factories = import_factories
+        self.not_imported: list[str] = []
         self.problems: list[Problem] = []
 
     def problem(self, path: str, message: str) -> None:
@@ -271,7 +295,15 @@ class _Validator:
         if source.startswith("zoo:") or ":" not in source:
             self.zoo_source(source.removeprefix("zoo:"), options)
             return source
-        if self.check_files:
+        if not _FACTORY.fullmatch(source):
+            self.problem(
+                "model.source",
+                f"cannot read model source {source!r}: use 'zoo:NAME', "
+                "'package.module:function' or a file path",
+            )
+        elif not self.import_factories:
+            self.not_imported.append(source)
+        elif self.check_files:
             try:
                 factory = io._import_factory(source)
             except ArtifactError as exc:
@@ -315,10 +347,11 @@ class _Validator:
             self.problem("model.options", "a model file takes no options")
         if not self.check_files:
             return
-        if not path.is_file():
-            self.problem("model.source", f"no such model file: {path}")
+        try:
+            kind = io.file_format(io.regular_file(path, "model file"))
+        except ArtifactError as exc:
+            self.problem("model.source", str(exc))
             return
-        kind = io.file_format(path)
         if kind in ("torch", "pickle") and not self.trust_pickle:
             self.problem(
                 "model.source",
@@ -337,10 +370,12 @@ class _Validator:
     def weights_file(self, path: Path, sha: str | None) -> None:
         if not self.check_files:
             return
-        if not path.is_file():
-            self.problem("model.weights", f"no such weights file: {path}")
+        try:
+            kind = io.file_format(io.regular_file(path, "weights file"))
+        except ArtifactError as exc:
+            self.problem("model.weights", str(exc))
             return
-        if io.file_format(path) not in ("safetensors", "torch", "pickle"):
+        if kind not in ("safetensors", "torch", "pickle"):
             self.problem(
                 "model.weights",
                 f"{path} is not a safetensors file or a state dict saved with torch.save",
@@ -359,6 +394,11 @@ class _Validator:
         dtype = self.typed(table, "dtype", "input", io.DTYPES.__contains__, _dtype_names())
         if shape is None:
             return None
+        try:
+            io.check_input_size([batch or 2, *shape])
+        except ArtifactError as exc:
+            self.problem("input.shape", str(exc))
+            return None
         return InputSpec(tuple(shape), batch or 2, dtype or "float32")
 
     # [[pass]] --------------------------------------------------------------------------------
@@ -370,10 +410,20 @@ class _Validator:
         if not isinstance(value, list):
             self.problem("pass", f"expected [[pass]] tables, got {_show(value)}")
             return []
+        if len(value) > LIMITS.max_passes:
+            self.problem(
+                "pass",
+                f"{len(value)} passes, above the limit of {LIMITS.max_passes}; raise it with "
+                "--max-passes (Python: rewriter.option_limits(max_passes=...))",
+            )
+            return []
         out = []
         for index, entry in enumerate(value, 1):
             made = self.one_pass(entry, f"pass[{index}]")
             if made is not None:
+                wrong = data_problem(made)
+                if wrong is not None:
+                    self.problem(f"pass[{index}].name", wrong)
                 out.append(made)
         return out
 
@@ -456,13 +506,23 @@ class _Validator:
             if target is not None and self.check_files:
                 try:
                     io.check_output(target, force=force)
-                except ArtifactError as exc:
-                    message = str(exc).replace(
-                        "pass force=True (CLI: --force)",
-                        "set force = true in [output] or pass --force",
+                except OutputExistsError as exc:
+                    self.problem(
+                        f"output.{key}",
+                        f"{exc.path} already exists; set force = true in [output] or pass --force "
+                        "to replace it",
                     )
-                    self.problem(f"output.{key}", message)
+                except ArtifactError as exc:
+                    self.problem(f"output.{key}", str(exc))
+        if out.path is not None and out.export is not None and _same_file(out.path, out.export):
+            self.problem(
+                "output.export",
+                f"the artifact and the export are the same file ({out.path}); give two paths",
+            )
         return out
+
+
+_FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def _is_text(v: Any) -> bool:
@@ -509,6 +569,7 @@ def validate(
     require_model: bool = True,
     check_files: bool = True,
     trust_pickle: bool = False,
+    import_factories: bool = True,
 ) -> Pipeline:
     """Check a parsed pipeline document and return the :class:`Pipeline` it describes.
 
@@ -517,10 +578,16 @@ def validate(
     without ``force``) and raised at once as a :class:`PipelineError`.
     ``require_model=False`` allows a document without ``[model]`` (the command line
     names the model). ``check_files=False`` skips everything that looks at the file
-    system or imports factories. Pickled model files are problems unless
-    ``trust_pickle``. Nothing is built or run.
+    system or imports factories; ``import_factories=False`` checks a factory's name
+    without importing it (``rewriter check``; listed in ``Pipeline.not_imported``).
+    Pickled model files are problems unless ``trust_pickle``. Passes that need data
+    from Python (``snip``, ``grasp``) are problems: a file cannot hold their data.
+    More passes than ``LIMITS.max_passes`` and example inputs above
+    ``LIMITS.max_input_elements`` are problems. Nothing is built or run.
     """
-    v = _Validator(Path(base) if base is not None else Path.cwd(), check_files, trust_pickle)
+    v = _Validator(
+        Path(base) if base is not None else Path.cwd(), check_files, trust_pickle, import_factories
+    )
     for key in document:
         if key not in (*SECTIONS, *_ARTIFACT_KEYS):
             v.problem(
@@ -557,7 +624,28 @@ def validate(
         passes=tuple(passes),
         checks=checks,
         output=output,
+        not_imported=tuple(v.not_imported),
     )
+
+
+def needs_data(cls: type[Pass]) -> bool:
+    """Whether a pass needs data attached from Python (it has a ``with_data`` constructor)."""
+    return callable(getattr(cls, "with_data", None))
+
+
+def data_problem(the_pass: Pass) -> str | None:
+    """Why ``the_pass`` cannot run from a file or the command line, or ``None``."""
+    if not needs_data(type(the_pass)) or getattr(the_pass, "_data", None) is not None:
+        return None
+    cls = type(the_pass).__name__
+    return (
+        f"the {the_pass.name!r} pass needs training batches, which a pipeline file or the "
+        f"command line cannot give; run it from Python with {cls}.with_data(batches, ...)"
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _knows_inputs(source: str) -> bool:
@@ -582,14 +670,24 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
 
-def build_model(pipeline: Pipeline, *, trust_pickle: bool = False) -> nn.Module:
-    """The pipeline's source model, seeded, with its weights loaded."""
+def build_model(
+    pipeline: Pipeline, *, trust_pickle: bool = False, trust_source: bool = False
+) -> nn.Module:
+    """The pipeline's source model, seeded, with its weights loaded.
+
+    ``trust_source`` allows an artifact given as the source to import the factory
+    its metadata names; ``trust_pickle`` allows pickled model files.
+    """
     if pipeline.source is None:
         raise PipelineError([Problem("model.source", "missing")], None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(pipeline.seed)
         model = io.resolve_source(
-            pipeline.source, pipeline.options, sha256=pipeline.sha256, trust_pickle=trust_pickle
+            pipeline.source,
+            pipeline.options,
+            sha256=pipeline.sha256,
+            trust_pickle=trust_pickle,
+            trust_source=trust_source,
         )
     if pipeline.weights is not None:
         io.apply_weights(model, pipeline.weights)
@@ -622,6 +720,7 @@ def run(
     pipeline: Pipeline,
     *,
     trust_pickle: bool = False,
+    trust_source: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Result:
     """Build the model, apply the passes with the pipeline's checks, write the outputs.
@@ -632,13 +731,32 @@ def run(
     """
     say = progress or (lambda message: None)
     out = pipeline.output
+    where = str(pipeline.file) if pipeline.file is not None else None
+    problems = [
+        Problem(f"pass[{i}]", wrong)
+        for i, p in enumerate(pipeline.passes, 1)
+        if (wrong := data_problem(p)) is not None
+    ]
+    if len(pipeline.passes) > LIMITS.max_passes:
+        problems.append(
+            Problem(
+                "pass",
+                f"{len(pipeline.passes)} passes, above the limit of {LIMITS.max_passes}; raise "
+                "it with --max-passes (Python: rewriter.option_limits(max_passes=...))",
+            )
+        )
+    if out.path is not None and out.export is not None and _same_file(out.path, out.export):
+        problems.append(
+            Problem("output", f"the artifact and the export are the same file ({out.path})")
+        )
+    if problems:
+        raise PipelineError(problems, where)
     for target in (out.path, out.export):
         if target is not None:
             io.check_output(target, force=out.force)
     say(f"building {pipeline.source}")
-    model = build_model(pipeline, trust_pickle=trust_pickle)
+    model = build_model(pipeline, trust_pickle=trust_pickle, trust_source=trust_source)
     inputs = pipeline.input.make() if pipeline.input is not None else io.default_inputs(model)
-    where = str(pipeline.file) if pipeline.file is not None else None
     if inputs is not None:
         _check_inputs(model, inputs, where)
     if out.export is not None and inputs is None:
@@ -675,6 +793,8 @@ __all__ = [
     "Problem",
     "Result",
     "build_model",
+    "data_problem",
+    "needs_data",
     "parse",
     "read",
     "read_document",

@@ -181,6 +181,7 @@ def test_apply_factory_with_options_and_info(tmp_path: Path) -> None:
     assert info.stdout.splitlines() == [
         f"artifact: {out}",
         "model: factories:make width=3",
+        "input: none recorded (export needs --input-shape)",
         "passes:",
         '  1. rbn init="preserve" include=[] exclude=[]',
         f"versions: rewriter {rewriter.__version__}, torch {torch.__version__}",
@@ -283,6 +284,7 @@ def test_passes_lists_every_pass_with_options() -> None:
         "name": "init",
         "type": "'preserve' | 'paper'",
         "default": "preserve",
+        "domain": "one of 'preserve', 'paper'",
         "help": "'preserve': exact function at insertion; 'paper': w_b=1 with gamma kept",
     }
     assert infos["masks"]["options"][0]["default"] == []

@@ -148,8 +148,8 @@ def test_every_problem_is_reported_at_once_with_key_paths(tmp_path: Path) -> Non
         "list of str",
         "pass[3].options.init": "expected one of ['preserve', 'paper'], got 'fancy'",
         "pass[4].name": "missing: the registry name of the pass",
-        "checks.seeed": "unknown key (did you mean 'seed'?); valid keys: lint, shapes, "
-        "numerics, rtol, atol, seed",
+        "checks.seeed": "unknown key (did you mean 'seed'?); valid keys: "
+        + ", ".join(pl.CHECK_TYPES),
         "checks.lint": "expected true or false, got 3",
         "checks.rtol": "expected a number, got 'x'",
         "checks.atol": "expected a number >= 0, got -1.0",
