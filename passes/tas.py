@@ -89,6 +89,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -540,6 +541,7 @@ class _Stage:
     label: str
     blocks: list[ResidualBlock]
     depths: list[int]
+    block_labels: list[str]
 
 
 @register
@@ -632,8 +634,8 @@ class Tas(Pass):
             last = nodes[stage.blocks[-1].output]
             ctx.current_node = last.name
             ends = tuple(nodes[stage.blocks[d - 1].output] for d in stage.depths)
-            module = TASDepth(number, stage.depths, [_label(b) for b in stage.blocks])
-            name = ctx.add_module(_label(stage.blocks[-1]), "depth", module)
+            module = TASDepth(number, stage.depths, stage.block_labels)
+            name = ctx.add_module(stage.block_labels[-1].replace("/", "_"), "depth", module)
             with graph.inserting_after(last):
                 mix = ctx.call_module(name, (*ends, depth))
             last.replace_all_uses_with(mix, delete_user_cb=lambda user, mix=mix: user is not mix)
@@ -874,6 +876,8 @@ def _stages(gm: fx.GraphModule, opts: Tas, ctx: RewriteContext) -> list[_Stage]:
         return nxt
 
     followed = {id(f) for b in top if (f := follower(b)) is not None}
+    scopes = Counter(_label(b) for b in top)  # blocks written in one forward share a scope
+    labels = {b.add: _label(b) if scopes[_label(b)] == 1 else f"{_label(b)}/{b.add}" for b in top}
     stages: list[_Stage] = []
     for start in top:
         if id(start) in followed:
@@ -883,8 +887,9 @@ def _stages(gm: fx.GraphModule, opts: Tas, ctx: RewriteContext) -> list[_Stage]:
             chain.append(nxt)
         if len(chain) < 2:
             continue
-        first, last = _label(chain[0]), _label(chain[-1])
-        stages.append(_Stage(f"{first}..{last}", chain, depth_choices(len(chain))))
+        first, last = labels[chain[0].add], labels[chain[-1].add]
+        names = [labels[b.add] for b in chain]
+        stages.append(_Stage(f"{first}..{last}", chain, depth_choices(len(chain)), names))
     return stages
 
 
