@@ -13,10 +13,13 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import rewriter as rw
 import rewriter.analysis.channels
+from rewriter.analysis.flops import SOFTMAX_MACS, flops
 from rewriter.errors import OptionError, RewriterError, TraceError
 from rewriter.frontends import build_graph, export_graph, is_hf_model, split_inputs
 from rewriter.passes.masks import MASKED
@@ -219,3 +222,114 @@ def test_slim_half_the_heads_and_mlp_is_exact_against_the_masked_dense_model(
     after = sum(p.numel() for p in small.parameters())
     per_layer = 4 * 32 * 64 - (32 * 3 if name != "llama" else 0)  # q, k, v, o (+ biases)
     assert after < before - hf_models.LAYERS * per_layer // 2
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_flops_count_attention_per_head_and_follow_slimming(lifted, name: str) -> None:
+    model, kwargs, gm, inputs = lifted[name]
+    analysis = rw.analysis.channels.channel_groups(gm, inputs)
+    small = rw.slim(gm, inputs, rw.group_masks(analysis, half_of_every_group(analysis)))
+    dense_report, small_report = flops(gm, inputs), flops(small, inputs)
+    b, s, d = hf_models.BATCH, hf_models.SEQ, 16
+
+    def attention(report) -> list[int]:
+        return [r.macs for r in report.rows if r.kind == "attention"]
+
+    def expected(heads: int) -> int:  # Q K^T and A V per query head, then the softmax
+        return b * heads * s * s * (d + d) + SOFTMAX_MACS * b * heads * s * s
+
+    assert attention(dense_report) == [expected(4)] * hf_models.LAYERS
+    assert attention(small_report) == [expected(2)] * hf_models.LAYERS
+    linear = [sum(r.macs for r in rep.rows if r.kind == "linear")
+              for rep in (dense_report, small_report)]  # fmt: skip
+    # every linear loses half its rows or columns; biases of the o and down projections
+    # (64 outputs each, GPT-2 only) stay whole
+    kept_biases = 0 if name == "llama" else b * s * 64 * 2 * hf_models.LAYERS
+    assert linear[1] * 2 == linear[0] + kept_biases
+    assert small_report.total_macs < 0.55 * dense_report.total_macs
+
+
+# -- grouped-query attention: slimming never unbalances the kv groups ---------------------------
+
+
+class TinyGQA(nn.Module):
+    """8 query heads sharing 2 kv heads through ``enable_gqa``; fx traces it."""
+
+    def __init__(self, dim: int = 16, heads: int = 8, kv_heads: int = 2, head_dim: int = 4) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.k = nn.Linear(dim, kv_heads * head_dim)
+        self.v = nn.Linear(dim, kv_heads * head_dim)
+        self.o = nn.Linear(heads * head_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s = x.size(0), x.size(1)
+        q = self.q(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.norm(x + self.o(a.transpose(1, 2).reshape(b, s, -1)))
+
+
+def test_gqa_before_expected_groups_and_fixed_head_counts() -> None:
+    gm = rw.trace(TinyGQA())
+    x = torch.randn(2, 5, 16)
+    analysis = rw.analysis.channels.channel_groups(gm, (x,))
+    heads = analysis.group_of("o", "in")
+    # Expected: one unit per kv group = kv head (4 channels of k and v) + 4 query heads
+    assert heads.prunable and heads.size == 2
+    assert [(m.layer, m.role, m.indices, m.span) for m in heads.members] == [
+        ("q", "out", (0, 16), 16), ("k", "out", (0, 4), 4), ("v", "out", (0, 4), 4),
+        ("o", "in", (0, 16), 16),
+    ]  # fmt: skip
+    assert analysis.prunable() == [heads]
+
+    class Fixed(TinyGQA):  # the head count written as a number cannot follow slimming
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x).view(2, 5, 8, 4)
+            return q.sum()
+
+    fixed = rw.analysis.channels.channel_groups(rw.trace(Fixed()), (x,))
+    assert "head count fixed to 8; use -1" in fixed.group_of("q").reason
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keep=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_gqa_slimming_keeps_query_heads_a_multiple_of_kv_heads(keep: list[bool]) -> None:
+    torch.manual_seed(0)
+    gm = rw.trace(TinyGQA())
+    x = torch.randn(2, 5, 16)
+    head_mask = torch.tensor(keep).repeat_interleave(4)  # a random mask over query heads
+    small = rw.slim(gm, (x,), {"q": head_mask})
+    q_heads = small.q.out_features // 4
+    kv_heads = small.k.out_features // 4
+    assert kv_heads == small.v.out_features // 4 >= 1
+    assert q_heads == 4 * kv_heads  # whole kv groups go, each keeps its 4 query heads
+    # a kv group goes exactly when all its query heads are dropped (one is always kept)
+    dropped = [not any(keep[g * 4 : g * 4 + 4]) for g in range(2)]
+    assert kv_heads == (2 - sum(dropped) if not all(dropped) else 1)
+    analysis = rw.analysis.channels.channel_groups(gm, (x,))
+    gone = [1] if all(dropped) else [g for g in range(2) if dropped[g]]  # slim keeps group 0
+    masked = rw.mask_channels(copy.deepcopy(gm), analysis, {analysis.group_of("o", "in").id: gone})
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drop=st.lists(st.sets(st.integers(0, hf_models.KV_HEADS - 1)), min_size=2, max_size=2))
+def test_gqa_llama_random_kv_group_drops_are_exact(lifted, drop: list[set[int]]) -> None:
+    model, kwargs, gm, inputs = lifted["llama"]
+    analysis = rw.analysis.channels.channel_groups(gm, inputs)
+    groups = [analysis.group_of(layer["o"], "in").id for layer in attention_layers("llama")]
+    drops = {gid: sorted(d) if len(d) < hf_models.KV_HEADS else [1] for gid, d in
+             zip(groups, drop, strict=True)}  # fmt: skip
+    small = rw.slim(gm, inputs, rw.group_masks(analysis, drops))
+    masked = rw.mask_channels(copy.deepcopy(gm), analysis, drops)
+    for layer, d in zip(attention_layers("llama"), drops.values(), strict=True):
+        q = small.get_submodule(layer["q"]).out_features // 16
+        kv = small.get_submodule(layer["k"]).out_features // 16
+        assert kv == hf_models.KV_HEADS - len(d) and q == 2 * kv
+    with torch.no_grad():
+        assert close(small(*inputs), masked(*inputs)) < 1e-5

@@ -17,6 +17,9 @@ linear          ``numel * in_features`` (+ ``numel`` with a bias); leading
                 batch dims (tokens, heads) are in ``numel``
 matmul          ``matmul``/``mm``/``bmm``/``@``: ``numel * K`` with ``K`` the
                 contracted size; ``addmm``/``baddbmm`` add ``numel``
+attention       ``scaled_dot_product_attention`` on ``(B, H, L, E)`` queries and
+                ``(B, H_kv, S, E)`` keys: ``B*H*L*S * (E + E_v)`` (``Q K^T`` and
+                ``A V``, per query head) ``+ SOFTMAX_MACS * B*H*L*S``
 norm            BatchNorm/InstanceNorm/LayerNorm/GroupNorm/RMSNorm:
                 ``NORM_MACS * numel`` (normalise, then affine)
 elementwise     add/sub/mul/div/pow/neg..., activations (ReLU, GELU, SiLU,
@@ -104,7 +107,7 @@ class FlopsRow:
     Attributes:
         name: the fx node name.
         target: the module's qualified name, or the function / method name.
-        kind: ``conv``, ``linear``, ``matmul``, ``norm``, ``elementwise``,
+        kind: ``conv``, ``linear``, ``matmul``, ``attention``, ``norm``, ``elementwise``,
             ``softmax``, ``pool``, ``reduce``, ``free``, ``custom``, ``param`` (a ``get_attr``)
             or ``unknown``.
         macs: MACs for the whole batch with every channel executed.
@@ -276,7 +279,8 @@ _FREE_NAMES = {
     "identity", "zeros_like", "ones_like", "full_like", "empty_like", "zeros", "ones",
     "arange", "tensor", "movedim", "moveaxis", "swapaxes", "swapdims", "embedding",
     "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "masked_select", "new_zeros",
-    "new_ones", "type_as", "requires_grad_",
+    "new_ones", "type_as", "requires_grad_", "slice", "sym_size", "alias",
+    "_assert_tensor_metadata",
 }  # fmt: skip
 _PER_CHANNEL_FREE_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "contiguous",
                            "clone", "detach", "alpha_dropout", "feature_alpha_dropout"}  # fmt: skip
@@ -286,6 +290,8 @@ def _fn_name(target: Any) -> str:
     """The bare name of a call_function / call_method target (``torch.relu`` -> ``relu``)."""
     if isinstance(target, str):
         return target
+    if isinstance(target, torch._ops.OpOverload):  # aten.pow.Tensor_Scalar -> pow
+        return target.overloadpacket.__name__
     return getattr(target, "__name__", str(target))
 
 
@@ -427,6 +433,8 @@ def _function_cost(node: fx.Node) -> _Cost:
             return _Cost("unknown", 0)
         extra = numel if name in _ADDMM_NAMES else 0
         return _Cost("matmul", numel * a[-1] + extra)
+    if name in _ATTENTION_NAMES:
+        return _attention_cost(node)
     if name == "einsum":
         return _Cost("unknown", 0)
     if name in _NORM_NAMES:
@@ -449,6 +457,19 @@ def _function_cost(node: fx.Node) -> _Cost:
         through = name in _PER_CHANNEL_FREE_NAMES
         return _Cost("free", 0, "through" if through else "stop", src)
     return _Cost("unknown", 0)
+
+
+_ATTENTION_NAMES = {"scaled_dot_product_attention"}
+
+
+def _attention_cost(node: fx.Node) -> _Cost:
+    """``scaled_dot_product_attention(q, k, v)``: ``Q K^T`` and ``A V`` per query head, and
+    the softmax; a kv head shared by several query heads (GQA) is counted for each."""
+    q, k, v = (_shape(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    if q is None or k is None or v is None or len(q) < 2:
+        return _Cost("unknown", 0)
+    scores = math.prod(q[:-1]) * k[-2]  # one score per query position and key position
+    return _Cost("attention", scores * (q[-1] + v[-1]) + SOFTMAX_MACS * scores)
 
 
 def _binary_cost(node: fx.Node, name: str, numel: int, out: Shape | None) -> _Cost:
