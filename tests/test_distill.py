@@ -18,6 +18,7 @@ from rewriter.passes.distill import (
     Distill,
     Distiller,
     distiller,
+    pretrain_autoencoder,
     self_teacher,
     strip,
 )
@@ -375,3 +376,252 @@ def test_property_preserves_outputs_and_freezes_teacher(rm) -> None:
     assert any(p.grad is not None for p in gm.parameters())
     for k, v in d.teacher.state_dict().items():
         assert torch.equal(v, frozen[k]) and v.grad is None, k
+
+
+# ---------------------------------------------------------------------------
+# IE-KD and feature KD: shapes may differ, gradients, frozen auto-encoder
+# ---------------------------------------------------------------------------
+
+
+def ie_model(method: str = "ie", **options) -> tuple[fx.GraphModule, Tensor, Tensor]:
+    torch.manual_seed(0)
+    student = zoo.create("digits_cnn", width=4)  # tapped map 4 x 8 x 8
+    teacher = zoo.create("resnet8", in_channels=1, width=4)  # tapped map 16 x 2 x 2
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    gm = rw.rewrite(student, [Distill.with_teacher(teacher, method=method, **options)], x)
+    return gm, x, y
+
+
+def test_ie_taps_default_to_the_last_map_before_pooling() -> None:
+    gm, x, _ = ie_model()
+    notes = rw.report(gm).passes[-1].notes
+    assert notes == ["taps: student block.relu2 (8, 4, 8, 8), teacher (8, 16, 2, 2)"]
+    d = distiller(gm)
+    assert d.split == (2, 2)
+    assert d.autoencoder.encoder[0].in_channels == 16 and d.inherit[-3].out_channels == 8
+    # the student's encoders are parameters, the teacher and the auto-encoder are not
+    names = {n for n, _ in gm.named_parameters()}
+    assert any(n.startswith("fc_distill.inherit.") for n in names)
+    assert any(n.startswith("fc_distill.explore.") for n in names)
+    assert not any(n.startswith(("fc_distill.teacher.", "fc_distill.autoencoder.")) for n in names)
+
+
+def test_ie_needs_a_pretrained_autoencoder() -> None:
+    gm, x, y = ie_model()
+    gm(x)
+    with pytest.raises(rw.RewriterError, match="pretrain_autoencoder"):
+        rw.aux_losses(gm, targets=y)
+    history = pretrain_autoencoder(gm, [(x, y)], epochs=15, lr=1e-2)
+    assert len(history) == 15 and history[-1] < 0.5 * history[0]
+    assert bool(distiller(gm).autoencoder_trained)
+
+
+@pytest.mark.parametrize("exploration", ["neg_l1", "abs_cos"])
+def test_ie_loss_and_gradients(exploration: str) -> None:
+    gm, x, y = ie_model(inherit_weight=0.7, explore_weight=0.3, exploration=exploration)
+    pretrain_autoencoder(gm, [x], epochs=2)
+    d = distiller(gm)
+    frozen = copy.deepcopy(d.autoencoder.state_dict())
+    gm.train()
+    gm(x)
+    inherit, explore = d.last_codes
+    code = d.last_teacher_code
+    assert inherit.shape == explore.shape == code.shape == (8, 8, 2, 2)
+    assert not code.requires_grad
+    # independent reference: per-sample unit vectors
+    ua, ub, ut = (F.normalize(t.reshape(8, -1), dim=1) for t in (inherit, explore, code))
+    l_inh = (ua - ut).abs().mean()
+    l_exp = -(ub - ut).abs().mean() if exploration == "neg_l1" else (ub * ut).sum(1).abs().mean()
+    aux = rw.aux_losses(gm, targets=y)
+    torch.testing.assert_close(aux, 0.7 * l_inh + 0.3 * l_exp)
+    aux.backward()
+    assert gm.block.conv2.weight.grad.abs().sum() > 0  # the student learns from both halves
+    assert d.inherit[0].weight.grad.abs().sum() > 0 and d.explore[0].weight.grad.abs().sum() > 0
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    opt.step()
+    for k, v in d.autoencoder.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+
+
+def test_feature_kd_is_l_inh_of_one_encoder() -> None:
+    gm, x, y = ie_model("feature", inherit_weight=2.0)
+    pretrain_autoencoder(gm, [x], epochs=1)
+    gm(x)
+    d = distiller(gm)
+    (code,) = d.last_codes
+    torch.testing.assert_close(
+        rw.aux_losses(gm, targets=y), 2.0 * L.normalized_l1(code, d.last_teacher_code)
+    )
+    assert d.encoder[0].in_channels == 4 and not hasattr(d, "inherit")
+
+
+def test_taps_by_name() -> None:
+    gm, _, _ = ie_model(student_tap="stem.5", teacher_tap="layer2.0.relu2")
+    assert rw.report(gm).passes[-1].notes == [
+        "taps: student stem.5 (8, 4, 8, 8), teacher (8, 8, 4, 4)"
+    ]
+    assert distiller(gm).autoencoder.encoder[0].in_channels == 8
+    with pytest.raises(rw.PassError, match="no node or module named 'nope'"):
+        ie_model(student_tap="nope")
+    with pytest.raises(rw.PassError, match="not a 4-D feature map"):
+        ie_model(student_tap="fc")
+
+
+def test_mutual_ie_both_students_learn_from_the_mutual_terms() -> None:
+    from rewriter.passes.distill.dml import MutualIE
+
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    a, b = zoo.create("digits_cnn", width=4), zoo.create("resnet8", in_channels=1, width=4)
+    pair = MutualIE(a, b, x, kl_weight=0.0)
+    out_a, out_b = pair(x)
+    torch.testing.assert_close(out_a, a(x))
+    torch.testing.assert_close(out_b, b(x))
+    pair.mutual_loss().backward()
+    for side in (pair.a, pair.b):
+        grads = [p.grad for p in side.student.parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0
+        assert all(p.grad is None for p in side.autoencoder.parameters())  # peer codes detached
+    pair.zero_grad()
+    pair(x)
+    pair.reconstruction_loss().backward()
+    assert all(p.grad is None for p in pair.a.student.parameters())  # features detached
+    assert pair.a.autoencoder.encoder[0].weight.grad.abs().sum() > 0
+    opt = torch.optim.SGD(pair.parameters(), lr=0.05)
+    losses_seen = []
+    for _ in range(5):
+        pair(x)
+        loss = pair.loss(y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses_seen.append(loss.item())
+    assert losses_seen[-1] < losses_seen[0]
+    plain = pair.strip_a().eval()
+    a.eval()
+    assert not isinstance(plain(x), tuple) and plain(x).shape == (8, 10)
+
+
+# ---------------------------------------------------------------------------
+# Options and errors
+# ---------------------------------------------------------------------------
+
+
+def test_bad_options_are_option_errors() -> None:
+    with pytest.raises(rw.OptionError, match="alpha"):
+        rw.make_pass(("distill", {"alpha": 1.5}))
+    with pytest.raises(rw.OptionError, match="temperature"):
+        rw.make_pass(("distill", {"temperature": 0}))
+    with pytest.raises(rw.OptionError, match="virtual teacher"):
+        rw.make_pass(("distill", {"method": "tf_reg", "teacher": "zoo:mlp"}))
+    with pytest.raises(rw.OptionError, match="method"):
+        rw.make_pass(("distill", {"method": "fitnets"}))
+    with pytest.raises(rw.OptionError, match="not both"):
+        Distill.with_teacher(nn.Linear(2, 2), teacher="zoo:mlp")
+
+
+def test_missing_or_wrong_teacher_is_a_clear_error() -> None:
+    student, teacher, x = student_and_teacher()
+    with pytest.raises(rw.PassError, match="Distill.with_teacher"):
+        rw.rewrite(student, ["distill"], x)
+    with pytest.raises(rw.PassError, match="names a factory"):
+        rw.rewrite(student, [("distill", {"teacher": "os.path:join"})], x)
+    with pytest.raises(rw.PassError, match=r"teacher returns \(4, 3\).*\(4, 10\)"):
+        rw.rewrite(student, [Distill.with_teacher(zoo.create("digits_cnn", num_classes=3))], x)
+    gm = rw.rewrite(student, [Distill.with_teacher(teacher)], x)
+    gm(x)
+    with pytest.raises(rw.RewriterError, match="targets=y"):
+        rw.aux_losses(gm)
+    fresh = copy.deepcopy(gm)  # the last forward is not copied
+    with pytest.raises(rw.RewriterError, match="not run a forward"):
+        rw.aux_losses(fresh, targets=torch.arange(4))
+
+
+def test_zoo_teacher_with_weights(tmp_path) -> None:
+    import safetensors.torch
+
+    torch.manual_seed(1)
+    trained = zoo.create("digits_cnn", width=8)
+    path = tmp_path / "teacher.safetensors"
+    safetensors.torch.save_file(trained.state_dict(), str(path))
+    student, _, x = student_and_teacher()
+    spec = ("distill", {"teacher": "zoo:digits_cnn", "teacher_weights": str(path)})
+    with pytest.raises(rw.PassError, match="do not fit"):
+        rw.rewrite(student, [spec], x)  # zoo:digits_cnn is width 16
+    trained16 = zoo.create("digits_cnn")
+    safetensors.torch.save_file(trained16.state_dict(), str(path))
+    gm = rw.rewrite(student, [spec], x)
+    teacher = distiller(gm).teacher
+    for k, v in trained16.state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v), k
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    student, _, x = student_and_teacher()
+    gm = rw.rewrite(student, [("distill", {"teacher": "zoo:digits_cnn", "temperature": 2.0})], x)
+    with (
+        torch.no_grad()
+    ):  # pretend training changed student and (impossible in training) the teacher
+        gm.fc.weight.add_(1.0)
+        distiller(gm).teacher.fc.bias.add_(3.0)
+    path = tmp_path / "kd.safetensors"
+    rw.save(gm, path)
+    loaded = rw.load(path)
+    assert set(loaded.state_dict()) == set(gm.state_dict())
+    for k, v in gm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k  # the teacher is stored in the artifact
+    assert distiller(loaded).temperature == 2.0 and not list(distiller(loaded).teacher.parameters())
+    gm.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), gm(x))
+
+    # a teacher given from Python is stored with the graph (artifacts store graphs as data)
+    from_python = rw.rewrite(student, [Distill.with_teacher(zoo.create("digits_cnn"))], x)
+    rw.save(from_python, tmp_path / "py.safetensors")
+    again = rw.load(tmp_path / "py.safetensors")
+    for k, v in from_python.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    again.train()
+    assert not distiller(again).teacher.training and not list(distiller(again).teacher.parameters())
+
+
+def test_artifact_teacher(tmp_path) -> None:
+    student, teacher, x = student_and_teacher()
+    saved = rw.rewrite(zoo.create("digits_cnn", width=8), ["masks"], x)
+    rw.save(saved, tmp_path / "teacher.safetensors")
+    gm = rw.rewrite(student, [("distill", {"teacher": str(tmp_path / "teacher.safetensors")})], x)
+    saved.eval()
+    torch.testing.assert_close(distiller(gm).teacher(x), saved(x))
+
+
+# ---------------------------------------------------------------------------
+# Command line: the pass is listed; the example pipeline checks and applies
+# ---------------------------------------------------------------------------
+
+
+def test_cli_lists_distill_and_runs_the_example_pipeline(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from rewriter.cli import cli
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["passes"])
+    assert listed.exit_code == 0, listed.output
+    block = listed.output.split("distill:", 1)[1].split("\n\n", 1)[0]
+    for name in ("method", "teacher", "teacher_weights", "alpha", "temperature", "multiplier"):
+        assert f"    {name} " in block
+    for name in ("reduction", "student_tap", "teacher_tap", "inherit_weight", "explore_weight"):
+        assert f"    {name} " in block
+    pipeline = Path(__file__).parent.parent / "examples" / "pipelines" / "distill.toml"
+    checked = runner.invoke(cli, ["check", str(pipeline)])
+    assert checked.exit_code == 0, checked.output
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "kd.safetensors"
+    applied = runner.invoke(cli, ["apply", "--pipeline", str(pipeline), "-o", str(out)])
+    assert applied.exit_code == 0, applied.output
+    gm = rw.load(out)
+    assert rw.report(gm).passes[-1].matches == {"distill": 1}
+    assert type(distiller(gm).teacher).__name__ == "ResNet"  # zoo:resnet20, frozen
+    assert not list(distiller(gm).teacher.parameters())

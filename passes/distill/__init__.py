@@ -53,20 +53,23 @@ of a rewriter artifact or a ``.pt2`` program) is deep-copied into the distiller 
 ``gm.parameters()`` and therefore the optimizer and DDP never see them, while
 ``state_dict()`` saves them (``<distill>.teacher.*``); it always stays in eval mode
 (``gm.train()`` does not reach it) and runs under ``torch.no_grad()``. Factory teachers
-(``package.module:function``) are refused as options, because a pipeline file must not make
-us import code; build such a teacher in Python and use :meth:`Distill.with_teacher`. The
+(``package.module:function``) are refused as options, even with ``--trust-source`` (which
+covers the model source, not pass options): a pipeline file must not make us import code;
+build such a teacher in Python and use :meth:`Distill.with_teacher`. The
 feature methods trace the teacher and tap it by qualified node or module name
 (``teacher_tap``; default, like ``student_tap``: the last 4-D feature map that feeds a
 global pooling or a flatten, i.e. the last map before global pooling). IE-KD's
 trainable parts (the student's encoders) *are* parameters: they train with the student and
 are dropped by :func:`strip`.
 
-Save and load: with a ``teacher`` option the saved pipeline rebuilds the teacher and the
-artifact stores its weights (so the artifact is self-contained for zoo teachers; file
-teachers must still exist at load). A teacher given from Python cannot be replayed by
-``rewriter.load`` (it says so); save :func:`strip` (the plain student) instead, or give the
-teacher as an artifact path. DDP: the teacher's buffers are broadcast from rank 0 with the
-other buffers (``broadcast_buffers=True``); they are identical on every rank anyway.
+Save and load: ``rewriter.save`` stores the rewritten graph as data, so the artifact holds
+the distiller and the frozen teacher (its tensors and, for torch, zoo and rewriter classes,
+its structure), whichever way the teacher was given; ``rewriter.load`` rebuilds it without
+the original teacher. A teacher of a class of your own cannot be stored as data: such an
+artifact is loaded by replaying the pipeline, which works for a ``teacher`` option but not
+for :meth:`Distill.with_teacher` (the error says so); save :func:`strip` (the plain
+student) in that case. DDP: the teacher's buffers are broadcast from rank 0 with the other
+buffers (``broadcast_buffers=True``); they are identical on every rank anyway.
 
 Running the pass on a model that already has a distiller is a no-op (noted in the report).
 Helpers: :func:`distiller`, :func:`strip`, :func:`self_teacher`, :func:`pretrain_autoencoder`;
@@ -87,10 +90,8 @@ from torch import Tensor, fx, nn
 
 from rewriter.context import RewriteContext
 from rewriter.errors import OptionError, RewriterError
-from rewriter.manager import _propagate_shapes
 from rewriter.modules import RewriterModule
 from rewriter.registry import Pass, make_pass, option, register
-from rewriter.tracing import trace
 
 from . import ie, losses
 from .ie import (
@@ -104,6 +105,7 @@ from .ie import (
     thaw,
 )
 from .losses import Reduction
+from .taps import default_tap, find_tap, label, shape_of, tapped
 
 __all__ = [
     "DEFAULTS",
@@ -351,12 +353,11 @@ class Distill(Pass):
             raise ValueError("teacher_weights needs a teacher option (zoo:NAME)")
 
     @classmethod
-    def with_teacher(cls, teacher: nn.Module, **options: Any) -> Distill:
+    def with_teacher(cls, teacher: nn.Module, /, **options: Any) -> Distill:
         """This pass with a teacher module from Python (deep-copied and frozen at rewrite time).
 
-        A saved pipeline keeps the options, not the module, so ``rewriter.load`` cannot
-        replay such a pass (it raises an error saying so): save :func:`strip` of the
-        trained student, or give the teacher as an artifact path option.
+        ``rewriter.save`` stores the teacher with the graph; a pipeline replay (artifacts
+        whose graph could not be stored as data) cannot rebuild it and says so.
         """
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"with_teacher expects an nn.Module, got {type(teacher).__name__}")
@@ -392,15 +393,15 @@ class Distill(Pass):
                     "give example_inputs to rewrite()"
                 )
             student_tap = find_tap(gm, self.student_tap)
-            teacher, teacher_tap_shape = _tapped(teacher, self.teacher_tap, dummy)
+            teacher, teacher_tap_shape = tapped(teacher, self.teacher_tap, dummy)
             taps = (student_tap,)
             sizes = {
                 "teacher_channels": teacher_tap_shape[1],
-                "student_channels": _shape(student_tap)[1],
+                "student_channels": shape_of(student_tap)[1],
                 "latent_ratio": self.latent_ratio,
             }
             ctx.note(
-                f"taps: student {_label(student_tap)} {tuple(_shape(student_tap))}, teacher "
+                f"taps: student {label(student_tap)} {tuple(shape_of(student_tap))}, teacher "
                 f"{tuple(teacher_tap_shape)}"
             )
         elif teacher is not None and dummy is not None:
@@ -480,73 +481,11 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) and out else out
 
 
-def _shape(node: fx.Node) -> torch.Size:
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        raise RewriterError(f"node {node.name!r} has no tensor shape (give example inputs)")
-    return meta.shape
-
-
-def _label(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
-
-
 def _dummy_inputs(inputs: Sequence[fx.Node]) -> tuple[Tensor, ...] | None:
     metas = [n.meta.get("tensor_meta") for n in inputs]
     if not metas or any(m is None or not hasattr(m, "shape") for m in metas):
         return None
     return tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
-
-
-def _is_4d(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4
-
-
-def default_tap(gm: fx.GraphModule) -> fx.Node:
-    """The last 4-D map with H*W > 1 that feeds a global pooling or a flatten (else the last such map)."""
-    maps = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and _is_4d(n)]
-    if not maps:
-        raise RewriterError(
-            "found no 4-D feature map (N, C, H, W) to tap; the feature methods need a conv "
-            "network and example inputs"
-        )
-    spatial = [n for n in maps if n.meta["tensor_meta"].shape[2:].numel() > 1]
-    for node in reversed(spatial):
-        for user in node.users:
-            shape = getattr(user.meta.get("tensor_meta"), "shape", None)
-            if shape is not None and (len(shape) != 4 or shape[2:].numel() == 1):
-                return node
-    return (spatial or maps)[-1]
-
-
-def find_tap(gm: fx.GraphModule, name: str) -> fx.Node:
-    """The node named ``name`` (node name or module qualified name); ``""``: :func:`default_tap`."""
-    if not name:
-        return default_tap(gm)
-    for node in gm.graph.nodes:
-        if node.name == name or (node.op == "call_module" and node.target == name):
-            if not _is_4d(node):
-                raise RewriterError(f"tap {name!r} is not a 4-D feature map (N, C, H, W)")
-            return node
-    maps = [_label(n) for n in gm.graph.nodes if _is_4d(n)][-8:]
-    raise RewriterError(f"no node or module named {name!r} to tap; 4-D maps near the end: {maps}")
-
-
-def _tapped(
-    teacher: nn.Module | None, tap: str, inputs: tuple[Tensor, ...]
-) -> tuple[fx.GraphModule, torch.Size]:
-    """The teacher traced, returning ``(output, tapped map)``, and the map's shape."""
-    if teacher is None:  # pragma: no cover - tf_reg is not a feature method
-        raise RewriterError("the feature methods need a teacher")
-    teacher.eval()
-    gm = trace(teacher)
-    _propagate_shapes(gm, inputs)
-    node = find_tap(gm, tap)
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    output.args = ((output.args[0], node),)
-    gm.recompile()
-    return gm, _shape(node)
 
 
 def _check_teacher_output(teacher: nn.Module, inputs: tuple[Tensor, ...], logits: fx.Node) -> None:
