@@ -120,14 +120,12 @@ def _importable_cwd(spec: str | None) -> None:
     """Let a factory the user typed (``package.module:function``) live in the working directory.
 
     Only for a factory: zoo models, model files and artifacts never change
-    ``sys.path``. The directory is appended last, so a stray ``sympy.py`` or
-    ``colorsys.py`` in it cannot shadow an installed module.
+    ``sys.path``. The directory goes last on ``sys.path`` and only while the factory's
+    module is imported (:data:`rewriter.io.FACTORY_DIRS`), so a stray ``sympy.py`` or
+    ``colorsys.py`` in it shadows nothing and is not found by a lazy import later.
     """
-    if not _is_factory(spec):
-        return
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.append(cwd)
+    if _is_factory(spec) and os.getcwd() not in io.FACTORY_DIRS:
+        io.FACTORY_DIRS.append(os.getcwd())
 
 
 def limit_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -360,6 +360,26 @@ def _zoo_model(spec: str, options: dict[str, Any]) -> nn.Module:
         ) from exc
 
 
+FACTORY_DIRS: list[str] = []  # searched last, only while a factory's module is imported
+
+
+def _import_module(name: str) -> Any:
+    """``importlib.import_module`` with :data:`FACTORY_DIRS` at the end of ``sys.path``
+    for the duration of the import only (the CLI puts the working directory there for a
+    factory the user typed): a stray module in it can neither shadow an installed one
+    nor be picked up by a lazy import later."""
+    import sys
+
+    added = [d for d in FACTORY_DIRS if d not in sys.path]
+    sys.path.extend(added)
+    try:
+        return importlib.import_module(name)
+    finally:
+        for folder in added:
+            if folder in sys.path:
+                sys.path.remove(folder)
+
+
 def _import_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -367,7 +387,7 @@ def _import_factory(spec: str) -> Callable[..., Any]:
             f"cannot read model source {spec!r}: use 'zoo:NAME' or 'package.module:function'"
         )
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ArtifactError(

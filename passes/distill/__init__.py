@@ -82,7 +82,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,18 @@ from torch import Tensor, fx, nn
 from rewriter.context import RewriteContext
 from rewriter.errors import OptionError, RewriterError
 from rewriter.modules import RewriterModule
-from rewriter.registry import Pass, make_pass, option, register
+from rewriter.registry import (
+    Pass,
+    Range,
+    anything,
+    choices,
+    make_pass,
+    nonnegative,
+    option,
+    positive,
+    register,
+    unit_interval,
+)
 
 from . import ie, losses
 from .ie import (
@@ -297,37 +308,49 @@ class Distill(Pass):
     name = "distill"
     preserves_outputs = True
 
-    method: Method = option("hinton", "hinton | tf_self | tf_reg | ie | feature")
+    method: Method = option(
+        "hinton", "hinton | tf_self | tf_reg | ie | feature", choices(*get_args(Method))
+    )
     teacher: str = option(
         "",
         "teacher model: zoo:NAME, or an artifact/.pt2 path; empty: given from Python "
         "(Distill.with_teacher) or none (tf_reg)",
+        anything(),
     )
-    teacher_weights: str = option("", "weights file (safetensors or state dict) for a zoo teacher")
+    teacher_weights: str = option(
+        "", "weights file (safetensors or state dict) for a zoo teacher", anything()
+    )
     alpha: float | None = option(
-        None, "weight a of the soft term; default by method (0.9, 0.95, 0.1)"
+        None, "weight a of the soft term; default by method (0.9, 0.95, 0.1)", unit_interval()
     )
-    temperature: float | None = option(None, "softmax temperature T; default by method (4, 6, 20)")
+    temperature: float | None = option(
+        None, "softmax temperature T; default by method (4, 6, 20)", positive()
+    )
     multiplier: float | None = option(
-        None, "Tf-KD multiplier m on the soft term; default by method (1, 50, 1)"
+        None, "Tf-KD multiplier m on the soft term; default by method (1, 50, 1)", nonnegative()
     )
     reduction: Literal["batchmean", "mean"] | None = option(
         None,
         "KL reduction: batchmean (per sample) or mean (over batch x classes); default by method",
+        choices("batchmean", "mean"),
     )
     student_tap: str = option(
-        "", "student feature map (node or module name); empty: last map before pooling"
+        "", "student feature map (node or module name); empty: last map before pooling", anything()
     )
     teacher_tap: str = option(
-        "", "teacher feature map (node or module name); empty: last map before pooling"
+        "", "teacher feature map (node or module name); empty: last map before pooling", anything()
     )
-    inherit_weight: float = option(1.0, "IE-KD / feature: weight of L_inh")
-    explore_weight: float = option(1.0, "IE-KD: weight of L_exp")
+    inherit_weight: float = option(1.0, "IE-KD / feature: weight of L_inh", nonnegative())
+    explore_weight: float = option(1.0, "IE-KD: weight of L_exp", nonnegative())
     exploration: Exploration = option(
-        "neg_l1", "IE-KD L_exp: neg_l1 (-L_inh) or abs_cos (mean |cos|)"
+        "neg_l1",
+        "IE-KD L_exp: neg_l1 (-L_inh) or abs_cos (mean |cos|)",
+        choices(*get_args(Exploration)),
     )
     latent_ratio: float = option(
-        0.5, "IE-KD / feature: code channels = round(ratio * teacher channels)"
+        0.5,
+        "IE-KD / feature: code channels = round(ratio * teacher channels)",
+        Range(0, 4, low_open=True),
     )
 
     def __post_init__(self) -> None:
