@@ -80,6 +80,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict
 from torch.utils import _pytree as pytree
 
 from .errors import ArtifactError
@@ -161,13 +162,18 @@ def _function_name(fn: Any) -> str:
     return name
 
 
+# aten operators whose names are dunders (bitwise ops on masks, as Hugging Face models use)
+_ATEN_DUNDERS = frozenset({"__and__", "__or__", "__xor__", "__lshift__", "__rshift__"})
+
+
 def resolve_function(name: Any) -> Callable[..., Any]:
     """The allow-listed function called ``name``; :class:`ArtifactError` for anything else."""
     if not isinstance(name, str):
         raise ArtifactError(f"a function name must be a string, got {type(name).__name__}")
     if name.startswith("torch.ops.aten."):
         parts = name.split(".")[3:]
-        if 1 <= len(parts) <= 2 and all(p.isidentifier() and not p.startswith("__") for p in parts):
+        plain = all(p.isidentifier() and (not p.startswith("__") or p in _ATEN_DUNDERS) for p in parts)
+        if 1 <= len(parts) <= 2 and plain:
             try:
                 obj: Any = getattr(torch.ops.aten, parts[0])
                 if len(parts) == 2:
@@ -267,7 +273,7 @@ class _Encoder:
             return [enc(v) for v in value]
         if type(value) is tuple:
             return {"$": "tuple", "v": [enc(v) for v in value]}
-        if type(value) is dict:
+        if type(value) in (dict, immutable_dict):  # fx stores dict arguments immutable
             return {"$": "dict", "v": [[enc(k), enc(v)] for k, v in value.items()]}
         if isinstance(value, slice):
             return {"$": "slice", "v": [enc(value.start), enc(value.stop), enc(value.step)]}

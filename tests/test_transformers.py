@@ -333,3 +333,35 @@ def test_gqa_llama_random_kv_group_drops_are_exact(lifted, drop: list[set[int]])
         assert kv == hf_models.KV_HEADS - len(d) and q == 2 * kv
     with torch.no_grad():
         assert close(small(*inputs), masked(*inputs)) < 1e-5
+
+
+# -- save and load ------------------------------------------------------------------------------
+
+
+def test_slim_models_round_trip_through_save_and_load_in_a_fresh_process(lifted, tmp_path) -> None:
+    expected = {}
+    for name, (_, _, gm, inputs) in lifted.items():
+        net = rw.rewrite(gm, ["masks"], inputs)
+        analysis = rw.analysis.channels.channel_groups(net, inputs)
+        small = rw.slim(net, inputs, rw.group_masks(analysis, half_of_every_group(analysis)))
+        rw.save(small, tmp_path / f"{name}.safetensors", source=f"hf_models:{name}")
+        with torch.no_grad():
+            expected[name] = (inputs, small(*inputs))
+    torch.save(expected, tmp_path / "expected.pt")
+    code = f"""
+import torch, rewriter as rw
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+for name, (inputs, ref) in expected.items():
+    gm = rw.load({str(tmp_path)!r} + f"/{{name}}.safetensors").eval()
+    with torch.no_grad():
+        out = gm(*inputs)
+    assert set(out) == set(ref), name
+    print(name, max((out[k] - ref[k]).abs().max().item() for k in ref))
+"""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = dict(line.split() for line in run.stdout.strip().splitlines())
+    assert lines == {name: "0.0" for name in hf_models.BUILDERS}
