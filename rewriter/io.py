@@ -6,7 +6,7 @@ metadata under the key ``rewriter_pipeline``, a TOML document that says how to
 rebuild the graph::
 
     format = "rewriter-artifact"
-    format_version = 1
+    format_version = 2
 
     [model]
     source = "zoo:resnet8"            # or "package.module:function", or a file path
@@ -40,10 +40,19 @@ Model files are recognised by their first bytes, never by unpickling them:
 only loaded with ``trust_pickle=True``; state dicts are read with
 ``torch.load(weights_only=True)``.
 
-:func:`load` rebuilds the source model, replays the passes with
-:func:`rewriter.rewrite` and loads the tensors with ``strict=True``: the result is
-an ordinary GraphModule that trains, switches between train and eval and
-compiles. Nothing is unpickled unless ``trust_pickle=True``. Loaded models start on the CPU in training mode,
+Format 2 also stores the rewritten graph itself as data, under the metadata key
+``rewriter_graph`` (:mod:`rewriter.graphio`: nodes, allow-listed call targets,
+``torch.nn`` and library modules with their constructor configs, meta), and the
+tensors outside the state dict under ``rewriter.extra/`` keys. :func:`load`
+rebuilds the GraphModule from that alone, with no source model, source file or
+import of user code; the pipeline stays the human-readable recipe. Artifacts
+without a stored graph (format 1, or a model :func:`save` could not store as
+data, recorded under ``rewriter_graph_omitted``) are rebuilt the old way:
+:func:`load` rebuilds the source model (a zoo model; a factory or a model file
+only with ``trust_source=True``), replays the passes with
+:func:`rewriter.rewrite` and loads the tensors with ``strict=True``. Either way
+the result is an ordinary GraphModule that trains, switches between train and
+eval and compiles. Nothing is unpickled unless ``trust_pickle=True``. Loaded models start on the CPU in training mode,
 like any freshly built module.
 """
 
@@ -73,6 +82,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import fx, nn
 
+from . import graphio
 from .api import rewrite
 from .errors import ArtifactError, OutputExistsError, OutputWriteError, RewriterError
 from .manager import REPORT_KEY, report
@@ -90,7 +100,7 @@ DTYPES = {
 }
 MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".pkl", ".pickle", ".safetensors", ".bin", ".ckpt")
 FORMAT = "rewriter-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the rewritten graph is stored as data (rewriter.graphio)
 
 _SOURCE_HELP = (
     "Build the model with rewriter.zoo.create(...), set "
@@ -298,7 +308,7 @@ def _file_model(
                 f"model that builds the network as MODEL and this file as its weights "
                 f"(--weights {path})"
             )
-        return load(path, trust_pickle=trust_pickle)
+        return load(path, trust_pickle=trust_pickle, trust_source=trust_source)
     else:
         raise ArtifactError(
             f"{path} is not a model file rewriter reads: expected a torch.export program "
@@ -819,6 +829,11 @@ def save(
     document = _pipeline_document(gm, source, inputs)
     metadata = {"format": "pt", METADATA_KEY: _dumps(document)}
     tensors = _tensors(gm)
+    try:
+        metadata[graphio.GRAPH_KEY], extra = graphio.dump(gm)
+        tensors.update(extra)
+    except graphio.GraphNotData as exc:
+        metadata[graphio.OMITTED_KEY] = str(exc)  # load() then needs trust_source=True
 
     tmp = path
     try:
@@ -975,23 +990,136 @@ def read_pipeline(path: str | os.PathLike[str]) -> dict[str, Any]:
     return document
 
 
-def load(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> fx.GraphModule:
-    """Rebuild the GraphModule saved at ``path`` by :func:`save`.
+def load(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module | None = None,
+    trust_source: bool = False,
+    trust_pickle: bool = False,
+) -> fx.GraphModule:
+    """Rebuild the GraphModule saved at ``path`` by :func:`save`, from the file alone.
 
-    Builds the source model, replays the passes with :func:`rewriter.rewrite`
-    (with the recorded example input, or a zoo model's or ``.pt2`` program's
-    default, so the engine's checks run), then loads every tensor with
-    ``strict=True``. A factory source (``package.module:function``) must be
-    importable from ``sys.path``; a file source must be unchanged (same sha256),
-    and a pickled one needs ``trust_pickle``. The global RNG is left as it was.
-    The result's ``meta[INPUTS_KEY]`` holds the example inputs, when known.
-    Raises :class:`ArtifactError` when the file is missing or malformed, the
-    source cannot be built, the pipeline cannot be replayed, or the tensors do
-    not match the rebuilt model (the message lists the differing keys).
+    An artifact of format 2 stores the rewritten graph as data
+    (:mod:`rewriter.graphio`): every node, the constructor config of every
+    ``torch.nn`` and library module, and the meta passes need; the tensors are
+    loaded with ``strict=True``. Nothing is imported, called or unpickled outside
+    the allow-lists of :mod:`rewriter.graphio`, and neither the source model nor
+    the source file is needed. When the example inputs are known (recorded, an
+    ``[input]`` table, or a zoo model's default) shapes are propagated again, as a
+    rewrite would have done, and ``meta[INPUTS_KEY]`` holds them.
+
+    A model with user-defined (opaque) modules needs ``model=`` (the source model;
+    its submodules at the same names are copied) or ``trust_source=True`` (import
+    and call the factory named in the artifact). An artifact without a stored
+    graph (format 1, or a model :func:`save` could not store as data) is rebuilt by
+    replaying its pipeline on ``model``, on its zoo model, or, only with
+    ``trust_source=True``, on its factory or model file (a pickled one also needs
+    ``trust_pickle``). The global RNG is left as it was. Raises
+    :class:`ArtifactError` when the file is missing or malformed, names anything
+    outside the allow-lists, or its tensors do not match the rebuilt model.
     """
     path = Path(path)
     document = read_pipeline(path)
     _warn_versions(path, document.get("versions", {}))
+    metadata = _open_metadata(path)
+    text = metadata.get(graphio.GRAPH_KEY)
+    if text is not None:
+        return _load_graph(path, document, text, model, trust_source, trust_pickle)
+    source = document["model"]["source"]
+    if model is None and not trust_source and not source.startswith("zoo:"):
+        why = metadata.get(graphio.OMITTED_KEY)
+        why = (
+            f"save() could not store its graph as data ({why})"
+            if why
+            else f"it was written in format {document.get('format_version')}, before graphs were stored"
+        )
+        raise ArtifactError(
+            f"{path} holds no stored graph: {why}. Rebuilding it means running its source "
+            f"{source!r}. If you trust that code, load with trust_source=True (CLI: "
+            "--trust-source), or pass the source model with load(path, model=...); then save "
+            "it again with this rewriter to get a self-contained artifact"
+        )
+    return _replay(path, document, model, trust_pickle)
+
+
+def _load_graph(
+    path: Path,
+    document: Mapping[str, Any],
+    text: str,
+    model: nn.Module | None,
+    trust_source: bool,
+    trust_pickle: bool,
+) -> fx.GraphModule:
+    try:
+        stored = graphio.read(text)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+    if model is None and trust_source and graphio.opaque_paths(stored):
+        model_table = document["model"]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = resolve_source(
+                    model_table["source"],
+                    stored_options(model_table),
+                    sha256=model_table.get("sha256"),
+                    trust_pickle=trust_pickle,
+                )
+        except ArtifactError as exc:
+            raise ArtifactError(f"{path}: cannot rebuild the source model: {exc}") from exc
+    tensors = _read_tensors(path)
+    try:
+        gm = graphio.build(stored, tensors, model=model)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+    except Exception as exc:  # anything else a crafted graph provokes is still bad input
+        raise ArtifactError(
+            f"{path}: the stored graph cannot be rebuilt: {type(exc).__name__}: {exc}"
+        ) from None
+    state = {k: v for k, v in tensors.items() if not k.startswith(graphio.EXTRA_PREFIX)}
+    problems = _state_mismatch(gm.state_dict(), state)
+    if problems:
+        raise ArtifactError(
+            f"{path}: the tensors do not match the stored graph ({problems}). Was the file edited?"
+        )
+    gm.load_state_dict(state, strict=True)
+    inputs = gm.meta.get(INPUTS_KEY)
+    table = gm.meta.get(INPUT_TABLE_KEY)
+    if inputs is None and isinstance(document.get("input"), dict):
+        try:
+            table = _input_table(document["input"])
+        except ArtifactError as exc:
+            raise ArtifactError(f"{path}: malformed [input] table: {exc}") from None
+        inputs = inputs_from_table(table)
+    if inputs is None:
+        inputs = default_inputs(gm)
+    if inputs is not None:
+        from .manager import _propagate_shapes
+
+        inputs = tuple(inputs)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                _propagate_shapes(gm, inputs)  # node.meta["tensor_meta"], as after a rewrite
+        except Exception as exc:  # the stored model fails on its own example inputs
+            raise ArtifactError(
+                f"{path}: the rebuilt model fails on its example inputs: {type(exc).__name__}: {exc}"
+            ) from None
+        gm.meta[INPUTS_KEY] = inputs
+    if table is not None:
+        gm.meta[INPUT_TABLE_KEY] = table
+    return gm
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path))
+    except SafetensorError as exc:
+        raise ArtifactError(f"{path}: cannot read the tensors: {exc}") from exc
+
+
+def _replay(
+    path: Path, document: Mapping[str, Any], given: nn.Module | None, trust_pickle: bool
+) -> fx.GraphModule:
+    """The old way (format 1): rebuild the source model and replay the pipeline."""
     model_table = document["model"]
     source = model_table["source"]
     try:
@@ -1003,12 +1131,15 @@ def load(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> fx.Grap
     if is_file_source(source) and Path(source).is_file() and file_format(source) == "safetensors":
         raise ArtifactError(f"{path}: its source {source} is itself an artifact; not supported")
     with torch.random.fork_rng(devices=[]):
-        try:
-            model = resolve_source(
-                source, options, sha256=model_table.get("sha256"), trust_pickle=trust_pickle
-            )
-        except ArtifactError as exc:
-            raise ArtifactError(f"{path}: cannot rebuild the source model: {exc}") from exc
+        if given is not None:
+            model = given
+        else:
+            try:
+                model = resolve_source(
+                    source, options, sha256=model_table.get("sha256"), trust_pickle=trust_pickle
+                )
+            except ArtifactError as exc:
+                raise ArtifactError(f"{path}: cannot rebuild the source model: {exc}") from exc
         inputs = table = None
         if isinstance(document.get("input"), dict):
             try:
@@ -1021,10 +1152,8 @@ def load(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> fx.Grap
             gm = rewrite(model, passes, inputs, leaves=leaves)
         except RewriterError as exc:
             raise ArtifactError(f"{path}: replaying the pipeline failed: {exc}") from exc
-    try:
-        tensors = safetensors.torch.load_file(str(path))
-    except SafetensorError as exc:
-        raise ArtifactError(f"{path}: cannot read the tensors: {exc}") from exc
+    tensors = _read_tensors(path)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(graphio.EXTRA_PREFIX)}
     problems = _state_mismatch(gm.state_dict(), tensors)
     if problems:
         raise ArtifactError(

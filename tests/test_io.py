@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 import rewriter
-from rewriter import io, zoo
+from rewriter import graphio, io, zoo
 from rewriter.errors import ArtifactError
 from rewriter.passes.masks import get_masks, set_mask
 
@@ -143,7 +143,12 @@ def test_user_leaves_are_recorded_and_replayed(tmp_path: Path) -> None:
     path = io.save(gm, tmp_path / "leaf.safetensors")
 
     assert io.read_pipeline(path)["model"]["leaves"] == ["block"]
-    assert_same_state(gm, io.load(path))
+    # A user's leaf is user code, not stored as data: the caller supplies it or trusts
+    # the factory (format 2; format 1 replayed the factory unasked).
+    with pytest.raises(ArtifactError, match="'block' is a 'factories.Block'.*model="):
+        io.load(path)
+    assert_same_state(gm, io.load(path, trust_source=True))
+    assert_same_state(gm, io.load(path, model=model))
 
 
 def test_opaque_modules_are_found_again_on_load(tmp_path: Path) -> None:
@@ -153,8 +158,9 @@ def test_opaque_modules_are_found_again_on_load(tmp_path: Path) -> None:
     path = io.save(gm, tmp_path / "opaque.safetensors")
 
     assert io.read_pipeline(path)["model"]["leaves"] == []
-    with pytest.warns(UserWarning, match="opaque"):
-        loaded = io.load(path)
+    with pytest.raises(ArtifactError, match="'flip' is a 'factories.SignFlip'.*trust_source"):
+        io.load(path)
+    loaded = io.load(path, trust_source=True)  # the graph is stored: nothing is re-traced
     assert rewriter.opaque_modules(loaded) == rewriter.opaque_modules(gm)
     assert_same_state(gm, loaded)
 
@@ -278,9 +284,10 @@ def test_unknown_sources(tmp_path: Path, source: str, message: str) -> None:
         old = 'source = "factories:make"'
         assert old in metadata[io.METADATA_KEY]
         metadata[io.METADATA_KEY] = metadata[io.METADATA_KEY].replace(old, f'source = "{source}"')
+        del metadata[graphio.GRAPH_KEY]  # no stored graph: only a replay can rebuild it
 
     with pytest.raises(ArtifactError, match=f"cannot rebuild the source model.*{message}"):
-        io.load(_rewrite_file(src, tmp_path / "b.safetensors", edit))
+        io.load(_rewrite_file(src, tmp_path / "b.safetensors", edit), trust_source=True)
 
 
 def test_resolve_source_forms() -> None:
@@ -422,12 +429,20 @@ def test_pt2_source_round_trip_records_path_and_hash(tmp_path: Path) -> None:
     torch.testing.assert_close(outputs(loaded, x, train=False), expected, rtol=0, atol=0)
     torch.testing.assert_close(expected, model(x))  # masks and rbn preserve the outputs
 
+    # The stored graph needs no .pt2; the replay of an artifact without one checks the file.
+    replay = _rewrite_file(artifact, tmp_path / "replay.safetensors", _drop_graph)
     path.write_bytes(path.read_bytes() + b"\0")  # still a zip, but not the same file
+    assert_same_state(gm, io.load(artifact))
     with pytest.raises(ArtifactError, match="changed since the artifact was written"):
-        io.load(artifact)
+        io.load(replay, trust_source=True)
     path.unlink()
+    torch.testing.assert_close(outputs(io.load(artifact), x, train=False), expected, rtol=0, atol=0)
     with pytest.raises(ArtifactError, match="no such model file"):
-        io.load(artifact)
+        io.load(replay, trust_source=True)
+
+
+def _drop_graph(tensors, metadata):
+    del metadata[graphio.GRAPH_KEY]
 
 
 def test_model_files_take_no_options_and_plain_tensors_are_not_models(tmp_path: Path) -> None:
@@ -471,9 +486,13 @@ def test_pickled_modules_need_trust_and_are_never_probed_by_unpickling(tmp_path:
     model = io.resolve_source(str(whole), trust_pickle=True)
     assert model.rewriter_source["sha256"] == io.sha256_of(whole)
     artifact = io.save(rewriter.rewrite(model, ["masks"]), tmp_path / "w.safetensors")
+    assert_same_state(io.load(artifact), rewriter.rewrite(model, ["masks"]))  # stored graph
+    replay = _rewrite_file(artifact, tmp_path / "replay.safetensors", _drop_graph)
     with pytest.raises(ArtifactError, match="cannot rebuild the source model.*--trust-pickle"):
-        io.load(artifact)
-    assert_same_state(io.load(artifact, trust_pickle=True), rewriter.rewrite(model, ["masks"]))
+        io.load(replay, trust_source=True)
+    assert_same_state(
+        io.load(replay, trust_source=True, trust_pickle=True), rewriter.rewrite(model, ["masks"])
+    )
 
 
 def test_weights_from_safetensors_and_state_dicts(tmp_path: Path) -> None:
