@@ -38,6 +38,7 @@ from .lottery_imp import (
     resample_weights,
     rewind,
     save_state,
+    source_init_fn,
 )
 from .lottery_passes import GraSP, Magnitude, RandomPrune, Snip, SynFlow
 from .lottery_scores import (
@@ -91,6 +92,7 @@ __all__ = [
     "random_prune",
     "random_scores",
     "resample_weights",
+    "source_init_fn",
     "rewind",
     "save_state",
     "snip",
