@@ -367,6 +367,12 @@ def _pipeline_from_file(
 )
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @click.option("--seed", type=int, help="Seed for the model's initial weights (0).")
+@click.option(
+    "--frontend",
+    type=click.Choice(["auto", "fx", "export"]),
+    help="How the model becomes a graph: torch.fx tracing, torch.export + lifting, or auto "
+    "(export for Hugging Face models and models fx cannot trace; the default).",
+)
 @trust_source_option
 @limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of the table.")
@@ -386,6 +392,7 @@ def apply(
     export_path: str | None,
     force: bool,
     seed: int | None,
+    frontend: str | None,
     trust_source: bool,
     as_json: bool,
 ) -> None:
@@ -437,6 +444,8 @@ def apply(
                 Path(output), force, Path(export_path) if export_path is not None else None
             ),
         )
+    if frontend is not None:
+        p = dataclasses.replace(p, frontend=frontend)
     if p.output.path is None and p.output.export is None:
         raise click.UsageError(
             "nothing to write: give -o/--output (or [output] path in the pipeline)", ctx

@@ -9,6 +9,7 @@
     weights = "resnet20.safetensors" # optional state dict loaded before rewriting
     seed = 0                         # seeds the model's initial weights
     leaves = []                      # submodules traced as single nodes
+    frontend = "auto"                # "fx", "export" (torch.export + lifting) or "auto"
 
     [input]                          # the example input for the checks (optional for
     shape = [3, 32, 32]              # zoo models and .pt2 programs); without the batch
@@ -62,7 +63,9 @@ from .registry import LIMITS, Pass, coerce, domain_problem, make_pass, option_sp
 
 SECTIONS = ("model", "input", "pass", "checks", "output")
 _ARTIFACT_KEYS = ("format", "format_version", "versions")  # present in artifact metadata
-MODEL_KEYS = ("source", "options", "null_options", "weights", "seed", "leaves", "sha256")
+MODEL_KEYS = (
+    "source", "options", "null_options", "weights", "seed", "leaves", "sha256", "frontend",
+)  # fmt: skip
 _MODEL_PROVENANCE = ("weights_sha256",)
 INPUT_KEYS = ("shape", "batch", "dtype")
 PASS_KEYS = ("name", "options", "null_options")
@@ -133,6 +136,7 @@ class Pipeline:
     sha256: str | None = None
     seed: int = 0
     leaves: tuple[str, ...] = ()
+    frontend: str = "auto"  # rewriter.rewrite(..., frontend=...)
     input: InputSpec | None = None
     passes: tuple[Pass, ...] = ()
     checks: Checks = Checks()
@@ -275,6 +279,10 @@ class _Validator:
         out["seed"] = self.typed(table, "seed", "model", _is_int, "an integer") or 0
         out["leaves"] = tuple(
             self.typed(table, "leaves", "model", _is_names, "a list of submodule names") or ()
+        )
+        out["frontend"] = (
+            self.typed(table, "frontend", "model", _is_frontend, '"auto", "fx" or "export"')
+            or "auto"
         )
         sha = self.typed(table, "sha256", "model", _is_sha, "a 64-digit hex sha256")
         out["sha256"] = sha
@@ -620,12 +628,17 @@ def validate(
         sha256=model_values.get("sha256"),
         seed=model_values.get("seed", 0),
         leaves=model_values.get("leaves", ()),
+        frontend=model_values.get("frontend", "auto"),
         input=input_spec,
         passes=tuple(passes),
         checks=checks,
         output=output,
         not_imported=tuple(v.not_imported),
     )
+
+
+def _is_frontend(value: Any) -> bool:
+    return value in ("auto", "fx", "export")
 
 
 def needs_data(cls: type[Pass]) -> bool:
@@ -769,7 +782,12 @@ def run(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         gm = rewrite(
-            model, list(pipeline.passes), inputs, leaves=pipeline.leaves, checks=pipeline.checks
+            model,
+            list(pipeline.passes),
+            inputs,
+            leaves=pipeline.leaves,
+            checks=pipeline.checks,
+            frontend=pipeline.frontend,
         )
     if inputs is not None:
         gm.meta[io.INPUTS_KEY] = inputs

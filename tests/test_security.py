@@ -29,6 +29,8 @@ import safetensors.torch
 import tomli_w
 import torch
 from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 import rewriter as rw
@@ -733,3 +735,34 @@ def test_readme_exit_codes_match_the_cli() -> None:
     assert run("passes").exit_code == 0
     assert run("info", "/nonexistent/x.safetensors").exit_code == 2
     assert run("apply").exit_code == 2  # usage errors are user errors too
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_option_value_is_accepted_inside_its_domain_or_refused_by_name(data) -> None:
+    """Property: for every pass and option, a value either builds a pass whose option lies
+    in the declared domain (finite for floats) or raises OptionError naming the option."""
+    name = data.draw(st.sampled_from(sorted(registered())), label="pass")
+    specs = [s for s in rw.option_specs(registered()[name]) if s.type is not str]
+    if not specs:
+        return
+    spec = data.draw(st.sampled_from(specs), label="option")
+    choices_ = list(getattr(spec.domain, "values", ()))
+    value = data.draw(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(-(10**9), 10**9),
+            st.sampled_from([*choices_, "x", True, [], [1.5, -1.0]]),
+        ),
+        label="value",
+    )
+    try:
+        made = rw.make_pass((name, {spec.name: value}))
+    except OptionError as exc:
+        assert repr(spec.name) in str(exc)
+        return
+    stored = getattr(made, spec.name)
+    assert rw.registry.domain_problem(spec, stored) is None
+    for item in stored if isinstance(stored, tuple) else (stored,):
+        if isinstance(item, float):
+            assert math.isfinite(item)
