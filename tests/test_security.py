@@ -127,6 +127,48 @@ def evil_factory_module(folder: Path, marker: Path) -> str:
     return "evil_factory:make"
 
 
+@pytest.mark.parametrize("keep_graph", [True, False], ids=["graph", "replay"])
+def test_artifact_metadata_naming_a_factory_never_runs_it(
+    artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_graph: bool
+) -> None:
+    """Finding 1: `[model] source` naming os:system or an importable module runs nothing."""
+    marker = tmp_path / "pwned"
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable, so only the policy stops it
+    monkeypatch.chdir(tmp_path)
+    shell = craft(
+        artifact,
+        tmp_path / "shell.safetensors",
+        lambda d: d["model"].update(source="os:system", options={"command": f"touch {marker}"}),
+        keep_graph=keep_graph,
+    )
+    spec = evil_factory_module(tmp_path, marker)
+    module = craft(
+        artifact,
+        tmp_path / "module.safetensors",
+        lambda d: d["model"].update(source=spec, options={}),
+        keep_graph=keep_graph,
+    )
+    for crafted in (shell, module):
+        for args in (
+            ("inspect", crafted),
+            ("apply", crafted, "--pass", "rbn", "-o", tmp_path / "out.safetensors"),
+            ("export", crafted, "-o", tmp_path / "out.pt2"),
+        ):
+            result = run(*args)
+            assert not marker.exists(), f"{args[0]} ran the factory"
+            if not keep_graph:  # nothing to rebuild from without the factory
+                refused(result, marker, "--trust-source")
+        assert run("info", crafted).exit_code == 0
+        assert run("check", crafted).exit_code in (0, 2)  # a pipeline file: names only
+        assert not marker.exists()
+        if not keep_graph:
+            with pytest.raises(ArtifactError, match="trust_source"):
+                rw.load(crafted)
+        else:
+            rw.load(crafted)
+        assert not marker.exists()
+
+
 def test_artifact_metadata_naming_a_pickle_is_never_unpickled(
     artifact: Path, tmp_path: Path
 ) -> None:
