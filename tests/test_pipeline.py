@@ -135,7 +135,7 @@ def test_every_problem_is_reported_at_once_with_key_paths(tmp_path: Path) -> Non
         "inputs": "unknown section (did you mean 'input'?); sections: model, input, pass, "
         "checks, output",
         "model.wieghts": "unknown key (did you mean 'weights'?); valid keys: source, options, "
-        "null_options, weights, seed, leaves, sha256, weights_sha256",
+        "null_options, weights, seed, leaves, sha256, frontend, weights_sha256",
         "model.options.hiden": "zoo model 'mlp' has no option 'hiden' (did you mean "
         "'hidden'?); its options: in_features, hidden, num_classes, bias",
         "input.shape": "expected a list of positive integers, got [3, 0]",
