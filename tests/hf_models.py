@@ -108,6 +108,25 @@ def vit(seed: int = 0) -> tuple[nn.Module, dict[str, Tensor]]:
 BUILDERS = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit}
 
 
+class RootBranch(nn.Module):
+    """fx cannot trace this forward (it branches on a size at the root); export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.size(0) > 1:
+            return self.fc(x) * 2
+        return self.fc(x)
+
+
+def root_branch() -> nn.Module:
+    """A factory for the command-line tests (``hf_models:root_branch``)."""
+    torch.manual_seed(0)
+    return RootBranch()
+
+
 def linear_count(model: nn.Module) -> int:
     """The model's own linear layers: ``nn.Linear`` and GPT-2's transposed ``Conv1D``."""
     from transformers.pytorch_utils import Conv1D

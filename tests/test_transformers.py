@@ -10,6 +10,7 @@ architecture (three of them in the slow run).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,27 +122,40 @@ def test_frontend_option_and_errors(lifted) -> None:
     assert rw.report(ex_net).passes[0].fired == rw.report(fx_net).passes[0].fired == 2
 
 
-class _RootBranch(nn.Module):
-    """fx cannot trace the root forward (it branches on a size); export can."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.size(0) > 1:
-            return self.fc(x) * 2
-        return self.fc(x)
-
-
 def test_auto_falls_back_to_export_when_fx_fails_at_the_root() -> None:
     x = torch.randn(3, 4)
     with pytest.raises(TraceError):
-        rw.trace(_RootBranch())
-    net = rw.rewrite(_RootBranch(), ["masks"], x)
+        rw.trace(hf_models.RootBranch())
+    net = rw.rewrite(hf_models.RootBranch(), ["masks"], x)
     assert rw.report(net).frontend == "export" and rw.report(net).passes[0].fired == 1
     with pytest.raises(TraceError):
-        rw.rewrite(_RootBranch(), ["masks"], x, frontend="fx")
+        rw.rewrite(hf_models.RootBranch(), ["masks"], x, frontend="fx")
+
+
+def test_frontend_in_pipeline_files_and_on_the_command_line(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from rewriter import pipeline as pl
+    from rewriter.cli import cli
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    table = {"model": {"source": "hf_models:root_branch", "frontend": "export"}, "pass": []}
+    assert pl.validate(table).frontend == "export"
+    assert pl.validate({"model": {"source": "hf_models:root_branch"}}).frontend == "auto"
+    with pytest.raises(pl.PipelineError, match=r"model.frontend.*\"auto\", \"fx\" or \"export\""):
+        pl.validate({"model": {"source": "hf_models:root_branch", "frontend": "jit"}})
+
+    def apply(*extra: str) -> object:
+        args = ["apply", "hf_models:root_branch", "--pass", "masks", "--input-shape", "4",
+                "--batch", "3", "-o", str(tmp_path / f"out{len(extra)}.safetensors"), *extra]
+        return CliRunner().invoke(cli, args)  # fmt: skip
+
+    refused = apply("--frontend", "fx")
+    assert refused.exit_code == 2 and "cannot trace RootBranch.forward" in refused.output
+    done = apply()  # auto: fx fails at the root, so export
+    assert done.exit_code == 0, done.output
+    assert "front end: export" in done.output
+    assert apply("--frontend", "export", "--force").exit_code == 0
 
 
 # -- heads, GQA groups and MLP channels ---------------------------------------------------------
