@@ -71,6 +71,7 @@ import builtins
 import copy
 import dataclasses
 import json
+import keyword
 import math
 import operator
 import sys
@@ -172,7 +173,9 @@ def resolve_function(name: Any) -> Callable[..., Any]:
         raise ArtifactError(f"a function name must be a string, got {type(name).__name__}")
     if name.startswith("torch.ops.aten."):
         parts = name.split(".")[3:]
-        plain = all(p.isidentifier() and (not p.startswith("__") or p in _ATEN_DUNDERS) for p in parts)
+        plain = all(
+            p.isidentifier() and (not p.startswith("__") or p in _ATEN_DUNDERS) for p in parts
+        )
         if 1 <= len(parts) <= 2 and plain:
             try:
                 obj: Any = getattr(torch.ops.aten, parts[0])
@@ -193,7 +196,9 @@ def resolve_function(name: Any) -> Callable[..., Any]:
 
 
 def _allowed_module(name: str) -> bool:
-    return name.startswith("torch.nn.modules.") or name == "rewriter" or name.startswith("rewriter.")
+    return (
+        name.startswith("torch.nn.modules.") or name == "rewriter" or name.startswith("rewriter.")
+    )
 
 
 def _scan(predicate: Callable[[Any], bool]) -> dict[str, type]:
@@ -223,11 +228,6 @@ def _dataclasses() -> dict[str, type]:
     return _scan(dataclasses.is_dataclass)
 
 
-def _allowed_class(cls: type) -> bool:
-    name = _class_name(cls)
-    return _allowed_module(cls.__module__) and module_classes().get(name) is cls
-
-
 # -- values ----------------------------------------------------------------------------------
 
 _ATOMS: dict[str, type] = {
@@ -243,6 +243,7 @@ class _Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.dataclasses = _dataclasses()
+        self.classes = module_classes()
 
     def tensor(self, value: torch.Tensor) -> str:
         key = f"{EXTRA_PREFIX}{len(self.tensors)}"
@@ -288,7 +289,9 @@ class _Encoder:
             name = _class_name(type(value))
             if self.dataclasses.get(name) is not type(value):
                 raise GraphNotData(f"an instance of {name}, not one of the library's dataclasses")
-            fields = {f.name: enc(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+            fields = {
+                f.name: enc(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init
+            }
             return {"$": "dataclass", "cls": name, "v": fields}
         if callable(value) and not isinstance(value, (type, nn.Module)):
             return {"$": "fn", "v": _function_name(value)}
@@ -429,7 +432,7 @@ def _dump_module(
     if isinstance(module, fx.GraphModule):
         entry: dict[str, Any] = {"kind": "graph", "class": type(module).__name__}
         internals = _GRAPH_INTERNALS
-    elif _allowed_class(type(module)):
+    elif enc.classes.get(_class_name(type(module))) is type(module):
         entry = {"kind": "module", "class": _class_name(type(module))}
         internals = _MODULE_INTERNALS
         config = (
@@ -518,6 +521,8 @@ def _dump_graph(graph: fx.Graph, enc: _Encoder, where: str) -> dict[str, Any]:
         entry = {"op": node.op, "name": node.name, "target": target, "args": args, "kwargs": kwargs}
         if meta:
             entry["meta"] = meta
+        if node.type is torch.Tensor or node.type == "Tensor":  # annotations fx prints in code
+            entry["type"] = "class" if node.type is torch.Tensor else "name"
         nodes.append(entry)
     codegen = graph._codegen
     out: dict[str, Any] = {"nodes": nodes}
@@ -633,6 +638,9 @@ class _Builder:
         self.built: dict[str, torch.Tensor] = {}
         self.decode = _Decoder(tensors)
         self.used: set[str] = set()
+        # Constructor sizes (layers, features) beyond what the file's tensors could hold
+        # are refused: a constructor given a huge count would loop or allocate for long.
+        self.max_int = max(1 << 16, sum(t.numel() for t in tensors.values()))
         self.missing: list[str] = []
         self.shapes: list[str] = []
 
@@ -670,12 +678,16 @@ class _Builder:
         for name, spec in _table(entry.get("params"), "params", where).items():
             tensor = None if spec is None else self.tensor(spec, prefix + name, where, True)
             module._parameters[name] = (
-                None if tensor is None
-                else tensor if isinstance(tensor, nn.Parameter)
+                None
+                if tensor is None
+                else tensor
+                if isinstance(tensor, nn.Parameter)
                 else nn.Parameter(tensor, requires_grad=bool(spec["flag"]))
             )
         for name, spec in _table(entry.get("buffers"), "buffers", where).items():
-            module._buffers[name] = None if spec is None else self.tensor(spec, prefix + name, where, False)
+            module._buffers[name] = (
+                None if spec is None else self.tensor(spec, prefix + name, where, False)
+            )
             if spec is not None and not spec["flag"]:
                 module._non_persistent_buffers_set.add(name)
         for name, value in _table(entry.get("attrs"), "attrs", where).items():
@@ -716,6 +728,16 @@ class _Builder:
             return module
         if not isinstance(config, dict) or not all(_name_ok(k) for k in config):
             raise ArtifactError(f"malformed constructor config of {name} for {where}")
+        big = [
+            v
+            for v in pytree.tree_leaves(list(config.values()))
+            if isinstance(v, int) and abs(v) > self.max_int
+        ]
+        if big:
+            raise ArtifactError(
+                f"the constructor config of {name} for {where} holds {big[0]}, more than the "
+                f"file's {self.max_int} tensor elements could need; refusing it"
+            )
         try:
             with torch.device("meta"):
                 if issubclass(cls, RewriterModule):
@@ -727,9 +749,13 @@ class _Builder:
                 f"{type(exc).__name__}: {exc}"
             ) from None
 
-    def check_attribute(self, module: nn.Module, name: Any, internals: frozenset, where: str) -> None:
+    def check_attribute(
+        self, module: nn.Module, name: Any, internals: frozenset, where: str
+    ) -> None:
         if not _name_ok(name) or name.startswith("__") or name in internals:
-            raise ArtifactError(f"the artifact sets a forbidden attribute {_short(name)} on {where}")
+            raise ArtifactError(
+                f"the artifact sets a forbidden attribute {_short(name)} on {where}"
+            )
         if name in module._parameters or name in module._buffers or name in module._modules:
             raise ArtifactError(f"attribute {name!r} of {where} clashes with a tensor or module")
         existing = getattr(type(module), name, None)
@@ -839,8 +865,9 @@ class _Builder:
                 gm.get_submodule(target) if op == "call_module" else _get_attr(gm, target)
             except AttributeError:
                 raise ArtifactError(f"node {name!r} refers to a missing {target!r}") from None
-        elif op in ("placeholder", "output"):
-            if not isinstance(target, str):
+        elif op in ("placeholder", "output"):  # fx prints placeholder targets into the code
+            bare = target.removeprefix("**").removeprefix("*") if isinstance(target, str) else None
+            if not _identifier(bare):
                 raise ArtifactError(f"node {name!r} has a malformed target {_short(target)}")
         else:
             raise ArtifactError(f"node {_short(name)} has an unknown op {_short(op)}")
@@ -848,10 +875,16 @@ class _Builder:
         kwargs = self.decode(item.get("kwargs"))
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise ArtifactError(f"node {name!r} has malformed arguments")
+        if not all(_identifier(k) for k in kwargs):  # keyword names are printed into the code
+            raise ArtifactError(f"node {name!r} has a malformed keyword argument name")
         node = graph.create_node(op, target, args, kwargs, name=name)
         if node.name != name:
             raise ArtifactError(f"the stored graph of {where} repeats the node name {name!r}")
         node.meta.update(self.meta(item.get("meta", {}), f"node {name!r} of {where}"))
+        if "type" in item:  # only these two: fx prints annotations into the generated code
+            if item["type"] not in ("class", "name"):
+                raise ArtifactError(f"node {name!r} has a malformed type annotation")
+            node.type = torch.Tensor if item["type"] == "class" else "Tensor"
         return node
 
     def meta(self, data: Any, where: str) -> dict[str, Any]:
@@ -869,7 +902,7 @@ class _Builder:
             ]
         except Exception as exc:  # treespec_loads raises several types on bad JSON
             raise ArtifactError(f"malformed pytree spec of {where}: {exc}") from None
-        if not all(_name_ok(a) for a in info["orig_args"]):
+        if not all(_identifier(a) for a in info["orig_args"]):
             raise ArtifactError(f"malformed argument names of {where}")
         return fx.graph._PyTreeCodeGen(
             fx.graph._PyTreeInfo(list(info["orig_args"]), specs[0], specs[1])
@@ -883,8 +916,14 @@ def _get_attr(gm: nn.Module, target: str) -> Any:
     return obj
 
 
+def _identifier(name: Any) -> bool:
+    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+
+
 def _name_ok(name: Any) -> bool:
-    return isinstance(name, str) and name.isidentifier() or (isinstance(name, str) and name.isdigit())
+    return (
+        isinstance(name, str) and name.isidentifier() or (isinstance(name, str) and name.isdigit())
+    )
 
 
 def _table(value: Any, what: str, where: str) -> dict[str, Any]:

@@ -56,7 +56,9 @@ def pipelines(names: list[str]) -> list[list[Any]]:
     return out
 
 
-def rewrite_pipeline(model: nn.Module, passes: list[Any], x: tuple, zoo_name: str) -> fx.GraphModule:
+def rewrite_pipeline(
+    model: nn.Module, passes: list[Any], x: tuple, zoo_name: str
+) -> fx.GraphModule:
     if passes == ["distill"]:
         return rw.rewrite(model, [("distill", {"teacher": f"zoo:{zoo_name}"})], x)
     if passes[-1] == "skip_freeze":
@@ -256,7 +258,9 @@ def test_opaque_modules_need_the_model_or_trust(tmp_path: Path, monkeypatch) -> 
     with pytest.warns(UserWarning, match="opaque"):
         gm = rw.rewrite(model, ["masks"], x)
     path = io.save(gm, tmp_path / "o.safetensors")
-    with pytest.raises(ArtifactError, match=r"'flip' is a 'factories\.SignFlip'.*model=.*trust_source"):
+    with pytest.raises(
+        ArtifactError, match=r"'flip' is a 'factories\.SignFlip'.*model=.*trust_source"
+    ):
         io.load(path)
     for loaded in (io.load(path, model=model), io.load(path, trust_source=True)):
         assert_identical(run(loaded, x, train=False), run(gm, x, train=False))
@@ -276,14 +280,18 @@ def test_format_1_artifacts(tmp_path: Path, monkeypatch) -> None:
             del tensors[key]
 
     zoo_gm = rw.rewrite(zoo.create("resnet8"), ["masks"], zoo.example_inputs("resnet8"))
-    old = rewrite_file(io.save(zoo_gm, tmp_path / "z.safetensors"), tmp_path / "z1.safetensors", as_format_1)
+    old = rewrite_file(
+        io.save(zoo_gm, tmp_path / "z.safetensors"), tmp_path / "z1.safetensors", as_format_1
+    )
     assert io.read_pipeline(old)["format_version"] == 1
     x = zoo.example_inputs("resnet8")
     assert_identical(run(io.load(old), x, train=True), run(zoo_gm, x, train=True))  # zoo: replayed
 
     model = io.resolve_source("factories:make", {"width": 3})
     gm = rw.rewrite(model, ["masks"])
-    old = rewrite_file(io.save(gm, tmp_path / "f.safetensors"), tmp_path / "f1.safetensors", as_format_1)
+    old = rewrite_file(
+        io.save(gm, tmp_path / "f.safetensors"), tmp_path / "f1.safetensors", as_format_1
+    )
     with pytest.raises(ArtifactError, match="format 1.*trust_source=True.*save"):
         io.load(old)
     y = (torch.randn(2, 1, 8, 8),)
@@ -502,7 +510,9 @@ def test_allow_list_has_no_file_or_code_functions() -> None:
     table, _ = graphio._functions()
     for name in ["torch.load", "torch.save", "torch.from_file", "operator.call", "builtins.eval"]:
         assert name not in table
-    assert {"torch.relu", "operator.add", "torch.nn.functional.relu", "builtins.getattr"} <= set(table)
+    assert {"torch.relu", "operator.add", "torch.nn.functional.relu", "builtins.getattr"} <= set(
+        table
+    )
     classes = graphio.module_classes()
     assert "torch.nn.modules.conv.Conv2d" in classes
     assert "rewriter.passes.masks.MaskedConv2d" in classes
@@ -519,7 +529,9 @@ def test_random_graphs_round_trip_bit_identical(tmp_path_factory, rm) -> None:
     path = io.save(gm, tmp_path_factory.mktemp("r") / "r.safetensors", source="zoo:mlp", force=True)
     loaded = io.load(path)
     for train in (True, False):
-        assert_identical(run(loaded, rm.example_inputs, train=train), run(gm, rm.example_inputs, train=train))
+        assert_identical(
+            run(loaded, rm.example_inputs, train=train), run(gm, rm.example_inputs, train=train)
+        )
 
 
 # -- the done-when test: a fresh process, no project model code, no .pt2 -----------------------
@@ -623,7 +635,9 @@ def _zoo_items(tmp_path: Path, names: list[str], passes_list: list[list[Any]]) -
             gm = rewrite_pipeline(zoo.create(name), passes, x, name)
             tag = f"{name}-{'+'.join(p if isinstance(p, str) else p[0] for p in passes)}"
             artifact = io.save(gm, tmp_path / f"{tag}.safetensors")
-            assert graphio.GRAPH_KEY in metadata(artifact), metadata(artifact).get(graphio.OMITTED_KEY)
+            assert graphio.GRAPH_KEY in metadata(artifact), metadata(artifact).get(
+                graphio.OMITTED_KEY
+            )
             items.append(_record(gm, x, artifact, tmp_path / f"{tag}.expected.safetensors"))
     return items
 
@@ -663,3 +677,21 @@ def test_loaded_artifact_with_gates_trains_under_compile(tmp_path: Path) -> None
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_cli_refuses_a_stored_graph_outside_the_allow_list(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from rewriter.cli.main import cli
+
+    monkeypatch.chdir(tmp_path)
+    change, _ = ATTACKS["os.system"]
+    evil = _edit_graph(_base(tmp_path), tmp_path / "evil.safetensors", change)
+    for command in (
+        ["inspect", str(evil)],
+        ["apply", str(evil), "--pass", "rbn", "-o", "o.safetensors"],
+    ):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        assert "'os.system', which is not on the allow-list" in result.stderr
+    assert not (tmp_path / "MARKER").exists() and not (tmp_path / "o.safetensors").exists()
