@@ -502,6 +502,47 @@ def test_mutual_ie_both_students_learn_from_the_mutual_terms() -> None:
     assert not isinstance(plain(x), tuple) and plain(x).shape == (8, 10)
 
 
+def test_mutual_ie_loss_matches_formula() -> None:
+    from rewriter.passes.distill.dml import MutualIE
+
+    torch.manual_seed(1)
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    pair = MutualIE(
+        zoo.create("digits_cnn", width=4),
+        zoo.create("digits_cnn", width=6),
+        x,
+        inherit_weight=0.5,
+        explore_weight=2.0,
+        exploration="abs_cos",
+        kl_weight=0.3,
+        reconstruction_weight=0.7,
+    )
+    pair(x)
+
+    def unit(t: Tensor) -> Tensor:
+        flat = t.reshape(t.shape[0], -1)
+        return flat / flat.square().sum(1, keepdim=True).sqrt()
+
+    expected = torch.zeros(())
+    for key, peer in (("a", "b"), ("b", "a")):
+        s, p = pair._last[key], pair._last[peer]
+        code = p["code"]
+        assert s["inherit"].shape == code.shape  # each student maps into its peer's code
+        expected = expected + 0.5 * (unit(s["inherit"]) - unit(code)).abs().mean()
+        expected = expected + 2.0 * (unit(s["explore"]) * unit(code)).sum(1).abs().mean()
+        q = F.softmax(p["logits"], dim=1)
+        kl = (q * (q.log() - F.log_softmax(s["logits"], dim=1))).sum() / 4
+        expected = expected + 0.3 * kl
+    torch.testing.assert_close(pair.mutual_loss(), expected)
+    recon = sum(
+        ((pair._last[k]["reconstruction"] - pair._last[k]["target"]) ** 2).mean() for k in "ab"
+    )
+    ce = F.cross_entropy(pair._last["a"]["logits"], y) + F.cross_entropy(
+        pair._last["b"]["logits"], y
+    )
+    torch.testing.assert_close(pair.loss(y), ce + expected + 0.7 * recon)
+
+
 # ---------------------------------------------------------------------------
 # Options and errors
 # ---------------------------------------------------------------------------
@@ -625,3 +666,126 @@ def test_cli_lists_distill_and_runs_the_example_pipeline(tmp_path, monkeypatch) 
     assert rw.report(gm).passes[-1].matches == {"distill": 1}
     assert type(distiller(gm).teacher).__name__ == "ResNet"  # zoo:resnet20, frozen
     assert not list(distiller(gm).teacher.parameters())
+
+
+# ---------------------------------------------------------------------------
+# Slow: torch.compile(fullgraph=True) with the teacher inside; DDP
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["hinton", "ie"])
+def test_compiled_distilled_student_trains(method: str) -> None:
+    torch.manual_seed(0)
+    student, teacher = zoo.create("digits_cnn", width=4), zoo.create("digits_cnn", width=8)
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
+    gm = rw.rewrite(student, [Distill.with_teacher(teacher, method=method)], x)
+    if method == "ie":
+        pretrain_autoencoder(gm, [x], epochs=3)
+    d = distiller(gm)
+    frozen = copy.deepcopy(d.teacher.state_dict())
+    compiled = torch.compile(gm, fullgraph=True)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    gm.train()
+    losses_seen = []
+    for _ in range(6):
+        loss = F.cross_entropy(compiled(x), y) + rw.aux_losses(gm, targets=y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses_seen.append(loss.item())
+    assert all(math.isfinite(v) for v in losses_seen)
+    assert losses_seen[-1] < losses_seen[0], losses_seen
+    assert not d.teacher.training
+    for k, v in d.teacher.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    if method == "ie":
+        assert (
+            d.inherit[0].weight.grad.abs().sum() > 0
+        )  # the encoders trained in the compiled graph
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), strip(gm)(x), rtol=1e-4, atol=1e-4)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+    import traceback
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+        try:
+            torch.manual_seed(0)
+            teacher = zoo.create("digits_cnn", width=8)  # the same teacher on both ranks
+            torch.manual_seed(rank)  # different student weights: DDP broadcasts rank 0's
+            gm = rw.rewrite(
+                zoo.create("digits_cnn", width=4),
+                [Distill.with_teacher(teacher)],
+                torch.rand(2, 1, 8, 8),
+            )
+            frozen = {k: v.clone() for k, v in distiller(gm).teacher.state_dict().items()}
+            ddp = DistributedDataParallel(gm, broadcast_buffers=True)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            data = torch.Generator().manual_seed(100 + rank)
+            for _ in range(3):
+                x = torch.rand(8, 1, 8, 8, generator=data)
+                y = torch.randint(0, 10, (8,), generator=data)
+                loss = F.cross_entropy(ddp(x), y) + rw.aux_losses(gm, targets=y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            teacher_state = distiller(gm).teacher.state_dict()
+            torch.save(
+                {
+                    "params": {n: p.detach().clone() for n, p in gm.named_parameters()},
+                    "ddp_params": len(list(ddp.parameters())),
+                    "teacher_unchanged": all(
+                        torch.equal(teacher_state[k], v) for k, v in frozen.items()
+                    ),
+                    "loss": loss.item(),
+                },
+                out,
+            )
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        out.with_suffix(".err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_ddp_trains_a_distilled_student(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [f.read_text() for f in tmp_path.glob("*.err")]
+    assert not errors, errors
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert first["loss"] != second["loss"]  # different data on each rank
+    student_params = len(list(zoo.create("digits_cnn", width=4).parameters()))
+    assert first["ddp_params"] == second["ddp_params"] == student_params  # no teacher parameter
+    assert first["teacher_unchanged"] and second["teacher_unchanged"]
+    for name, value in first["params"].items():
+        torch.testing.assert_close(value, second["params"][name], rtol=0, atol=0, msg=name)
