@@ -324,9 +324,18 @@ def _factory_source(tensors, meta):
 # -- attacks -----------------------------------------------------------------------------------
 
 
+_BASE: dict[str, bytes] = {}
+
+
 def _base(tmp_path: Path) -> Path:
-    x = zoo.example_inputs("mlp")
-    return io.save(rw.rewrite(zoo.create("mlp"), ["masks"], x), tmp_path / "base.safetensors")
+    """A small valid artifact (masked MLP) in ``tmp_path``; built once per session."""
+    if "bytes" not in _BASE:
+        x = zoo.example_inputs("mlp")
+        first = io.save(rw.rewrite(zoo.create("mlp"), ["masks"], x), tmp_path / "first.safetensors")
+        _BASE["bytes"] = first.read_bytes()
+    path = tmp_path / "base.safetensors"
+    path.write_bytes(_BASE["bytes"])
+    return path
 
 
 def _edit_graph(src: Path, dst: Path, change) -> Path:
@@ -450,6 +459,7 @@ ATTACKS = {  # name: (change, what the error must say)
         "malformed device",
     ),
     "dtype": (_meta_value({"$": "dtype", "v": "__class__"}), "unknown torch dtype"),
+    "huge config": (_config({"$": "dict", "v": [["x", 10**12]]}), "more than the file's"),
 }
 
 
