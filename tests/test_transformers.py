@@ -352,6 +352,19 @@ def test_gqa_llama_random_kv_group_drops_are_exact(lifted, drop: list[set[int]])
 # -- save and load ------------------------------------------------------------------------------
 
 
+def test_slim_llama_round_trips_through_save_and_load(lifted, tmp_path) -> None:
+    _, _, gm, inputs = lifted["llama"]
+    net = rw.rewrite(gm, ["masks"], inputs)
+    analysis = rw.analysis.channels.channel_groups(net, inputs)
+    small = rw.slim(net, inputs, rw.group_masks(analysis, half_of_every_group(analysis)))
+    path = rw.save(small, tmp_path / "llama.safetensors", source="hf_models:llama")
+    loaded = rw.load(path).eval()
+    assert loaded.get_submodule("layers.0.self_attn.k_proj").out_features == 16
+    with torch.no_grad():
+        assert close(loaded(*inputs), small(*inputs)) == 0.0
+
+
+@pytest.mark.slow
 def test_slim_models_round_trip_through_save_and_load_in_a_fresh_process(lifted, tmp_path) -> None:
     expected = {}
     for name, (_, _, gm, inputs) in lifted.items():
@@ -379,3 +392,36 @@ for name, (inputs, ref) in expected.items():
     assert run.returncode == 0, run.stderr[-3000:]
     lines = dict(line.split() for line in run.stdout.strip().splitlines())
     assert lines == {name: "0.0" for name in hf_models.BUILDERS}
+
+
+# -- training and compiling ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rewritten_hf_decoder_trains_under_compile_fullgraph() -> None:
+    model, kwargs = hf_models.llama()
+    net = rw.rewrite(model, ["masks"], kwargs)
+    net.train()
+    head = nn.Linear(hf_models.HIDDEN, hf_models.VOCAB)
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    params = [p for p in net.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    ids = kwargs["input_ids"]
+    losses = []
+    for _ in range(8):
+        hidden = compiled(**kwargs)["last_hidden_state"]
+        loss = nn.functional.cross_entropy(head(hidden[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.slow
+def test_rewritten_bert_compiles_with_inductor_and_matches_eager() -> None:
+    model, kwargs = hf_models.bert()
+    net = rw.rewrite(model, ["masks"], kwargs).eval()
+    compiled = torch.compile(net, fullgraph=True)
+    with torch.no_grad():
+        assert close(compiled(**kwargs), net(**kwargs)) < 1e-4
