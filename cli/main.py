@@ -75,7 +75,7 @@ class _Cli(click.Group):
         except (RewriterError, *_USER_OS_ERRORS) as exc:
             if debug:
                 traceback.print_exc()
-            _error(str(exc).replace("force=True", "--force"))
+            _error(str(exc).replace("pass force=True", "pass --force"))
             ctx.exit(2)
         except RecursionError:
             if debug:
@@ -111,9 +111,9 @@ def _progress(quiet: bool) -> Callable[[str], None]:
 
 
 def _is_factory(spec: str | None) -> bool:
-    return bool(spec) and ":" in spec and not spec.startswith("zoo:") and not (
-        io.is_file_source(spec)
-    )
+    if not spec or ":" not in spec or spec.startswith("zoo:"):
+        return False
+    return not io.is_file_source(spec)
 
 
 def _importable_cwd(spec: str | None) -> None:
@@ -637,7 +637,9 @@ def export(
     out = Path(output)
     if io.is_file_source(artifact) and Path(artifact).exists():
         if Path(artifact).resolve() == out.expanduser().resolve():
-            raise click.UsageError(f"-o/--output names ARTIFACT itself ({output}); give another path")
+            raise click.UsageError(
+                f"-o/--output names ARTIFACT itself ({output}); give another path"
+            )
     io.check_output(out, force=force)
     _importable_cwd(artifact)
     spec = _input_spec(input_shape, batch, dtype)

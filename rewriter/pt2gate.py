@@ -48,6 +48,7 @@ from typing import Any
 from .errors import ArtifactError, UnsafeFileError
 
 MAX_JSON_BYTES = 256 << 20
+MAX_ENTRIES = 1_000_000
 MAX_EXPR_CHARS = 10_000
 MAX_EXPR_DEPTH = 64
 MAX_LITERAL = 1 << 64
@@ -126,6 +127,11 @@ def check(path: str | Path, *, trust_pickle: bool = False) -> None:
         raise ArtifactError(f"{path} is not a readable .pt2 archive: {exc}") from exc
     with archive:
         infos = archive.infolist()
+        if len(infos) > MAX_ENTRIES:
+            raise UnsafeFileError(
+                f"refusing to load {path}: {len(infos):,} entries (a .pt2 program has a few "
+                f"per tensor; limit {MAX_ENTRIES:,})"
+            )
         _check_names(path, [i.filename for i in infos])
         if trust_pickle:
             return

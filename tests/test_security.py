@@ -435,31 +435,44 @@ def _cli_command() -> list[str]:
     return [script] if script else [sys.executable, "-P", "-m", "rewriter.cli"]
 
 
-@pytest.mark.slow  # two subprocesses: about 25 s on two shared cores
+@pytest.mark.slow  # a subprocess: about 15 s on two shared cores
 def test_stray_modules_in_the_working_directory_never_run(tmp_path: Path) -> None:
     """A zoo model never puts the working directory on sys.path; a factory the user typed
-    puts it last, so stray stdlib-named modules still do not shadow anything."""
+    finds it last and only while its module is imported, so stray modules named like
+    stdlib or optional dependencies (colorsys, sympy, gmpy2) never run. One process
+    without the working directory on sys.path (``python -P``, like the console script)
+    runs both commands."""
     marker = tmp_path / "pwned"
     for name in ("colorsys", "sympy", "gmpy2"):
         (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (tmp_path / "mymodels.py").write_text(
         "from rewriter import zoo\n\ndef make():\n    return zoo.create('mlp')\n"
     )
+    script = textwrap.dedent(
+        """
+        import sys
+        from rewriter.cli import cli
+        assert "" not in sys.path and sys.path[0] != ".", sys.path
+        for args in (["zoo:mlp"], ["mymodels:make", "--input-shape", "64"]):
+            out = args[0].replace(":", "_") + ".safetensors"
+            code = cli.main(["apply", *args, "--pass", "masks", "-o", out], standalone_mode=False)
+            assert code in (None, 0), code
+        """
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    for model, options in (("zoo:mlp", []), ("mymodels:make", ["--input-shape", "64"])):
-        out = tmp_path / f"{model.replace(':', '_')}.safetensors"
-        done = subprocess.run(
-            [*_cli_command(), "apply", model, *options, "--pass", "masks", "-o", str(out)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        assert out.is_file()
-        assert not marker.exists(), f"a stray module ran during `apply {model}`"
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "zoo_mlp.safetensors").is_file()
+    assert (tmp_path / "mymodels_make.safetensors").is_file()
+    assert not marker.exists(), "a stray module in the working directory ran"
 
 
 # -- resources (finding 4) -----------------------------------------------------------------
