@@ -186,6 +186,17 @@ def test_artifact_metadata_naming_a_pickle_is_never_unpickled(
     with pytest.raises(ArtifactError):
         rw.load(crafted)
     assert not marker.exists()
+    # [model] weights is provenance only: a pickle named there is never opened
+    for keep_graph in (True, False):
+        weights = craft(
+            artifact,
+            tmp_path / f"w{keep_graph}.safetensors",
+            lambda d: d["model"].update(weights=str(pickled)),
+            keep_graph=keep_graph,
+        )
+        rw.load(weights)
+        assert run("inspect", weights).exit_code == 0
+        assert not marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -193,8 +204,12 @@ def test_artifact_metadata_naming_a_pickle_is_never_unpickled(
     [
         (lambda d: d.update({"pass": [{"name": "masks", "options": {}}] * 10_000}), "--max-passes"),
         (lambda d: d.update(input={"shape": [3, 100_000, 100_000], "batch": 2}), "elements"),
+        (
+            lambda d: d["pass"].append({"name": "synflow", "options": {"iterations": 10**8}}),
+            "'iterations'",
+        ),
     ],
-    ids=["passes", "input"],
+    ids=["passes", "input", "option"],
 )
 def test_artifact_metadata_limits(artifact: Path, tmp_path: Path, edit, fragment: str) -> None:
     """Finding 4: an artifact cannot ask for 10,000 passes or a 20 GB example input."""
