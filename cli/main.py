@@ -124,8 +124,12 @@ def _importable_cwd(spec: str | None) -> None:
     module is imported (:data:`rewriter.io.FACTORY_DIRS`), so a stray ``sympy.py`` or
     ``colorsys.py`` in it shadows nothing and is not found by a lazy import later.
     """
-    if _is_factory(spec) and os.getcwd() not in io.FACTORY_DIRS:
-        io.FACTORY_DIRS.append(os.getcwd())
+    cwd = os.getcwd()
+    if _is_factory(spec) and cwd not in io.FACTORY_DIRS:
+        io.FACTORY_DIRS.append(cwd)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # for this command only
+            ctx.call_on_close(lambda: cwd in io.FACTORY_DIRS and io.FACTORY_DIRS.remove(cwd))
 
 
 def limit_options(f: Callable[..., Any]) -> Callable[..., Any]:

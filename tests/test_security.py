@@ -836,3 +836,19 @@ def test_any_option_value_is_accepted_inside_its_domain_or_refused_by_name(data)
     for item in stored if isinstance(stored, tuple) else (stored,):
         if isinstance(item, float):
             assert math.isfinite(item)
+
+
+def test_a_typed_factory_finds_the_working_directory_only_while_it_is_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd_models.py").write_text(
+        "from rewriter import zoo\n\ndef make():\n    return zoo.create('mlp')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    result = run("inspect", "cwd_models:make", "--input-shape", "64")
+    assert result.exit_code == 0, result.output
+    assert sys.path == before and io.FACTORY_DIRS == []
+    # an artifact or a zoo model never searches it
+    refused(run("inspect", "zoo:cwd_models"), None, "not a zoo model")
+    sys.modules.pop("cwd_models", None)
