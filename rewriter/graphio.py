@@ -225,7 +225,15 @@ def module_classes() -> dict[str, type[nn.Module]]:
 
 
 def _dataclasses() -> dict[str, type]:
-    return _scan(dataclasses.is_dataclass)
+    """The library's plain record dataclasses (reports): no passes, no ``__post_init__``."""
+    from .registry import Pass
+
+    return _scan(
+        lambda c: dataclasses.is_dataclass(c)
+        and c.__module__.startswith("rewriter.")
+        and not issubclass(c, Pass)
+        and not hasattr(c, "__post_init__")
+    )
 
 
 # -- values ----------------------------------------------------------------------------------

@@ -445,6 +445,10 @@ ATTACKS = {  # name: (change, what the error must say)
         _meta_value({"$": "dataclass", "cls": "subprocess.Popen", "v": {}}),
         "not one of the library's dataclasses",
     ),
+    "pass payload": (
+        _meta_value({"$": "dataclass", "cls": "rewriter.passes.masks.Masks", "v": {}}),
+        "not one of the library's dataclasses",
+    ),
     "plain dict": (_meta_value({"__reduce__": ["os.system", "touch MARKER"]}), "malformed value"),
     "dunder attribute": (_attr("__class__", "os._wrap_close"), "forbidden attribute '__class__'"),
     "forward override": (_attr("forward", "os.system"), "overrides Module.forward"),
