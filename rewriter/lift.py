@@ -670,15 +670,19 @@ class _Builder:
     def _install_modules(self) -> None:
         for name, lift in self.planner.lifts.items():
             module = lift.module
+            filled = set()  # a meta-device program fills modules with meta tensors
             for attr, ref in lift.state.items():
                 if ref is None:
                     continue
                 fqn = ref if isinstance(ref, str) else self.prog.state(ref)
                 setattr(module, attr, _state_copy(self.prog.tensor(fqn)))  # type: ignore[arg-type]
+                filled.add(attr)
             if "num_batches_tracked" in module._buffers and module.num_batches_tracked.is_meta:
                 module.num_batches_tracked = torch.tensor(0, dtype=torch.long)
             meta = [
-                n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta
+                n
+                for n, t in [*module.named_parameters(), *module.named_buffers()]
+                if t.is_meta and n not in filled
             ]
             if meta:
                 raise LiftError(f"internal error: {name} has no values for {meta}")
