@@ -54,6 +54,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from . import pt2gate
+from .canonical import canonicalize
 from .errors import ArtifactError, RewriterError
 
 LIFT_KEY = "rewriter_lift"
@@ -482,6 +483,21 @@ _FUNCTIONS: dict[Any, tuple[Callable[..., Any] | str, int, frozenset[str]]] = {
     aten.matmul.default: (torch.matmul, 2, frozenset()),
     aten.select.int: (torch.select, 3, frozenset()),
     aten.adaptive_avg_pool2d.default: (F.adaptive_avg_pool2d, 2, frozenset()),
+    aten.hardswish.default: (F.hardswish, 1, frozenset()),
+    aten.dropout.default: (torch.dropout, 3, frozenset()),
+    # in-place ops become their torch-level in-place forms; canonicalisation then makes them
+    # out-of-place where nothing reads the overwritten tensor afterwards
+    aten.add_.Tensor: ("add_", 2, frozenset({"alpha"})),
+    aten.sub_.Tensor: ("sub_", 2, frozenset({"alpha"})),
+    aten.mul_.Tensor: ("mul_", 2, frozenset()),
+    aten.div_.Tensor: ("div_", 2, frozenset()),
+    aten.relu_.default: (torch.relu_, 1, frozenset()),
+    aten.sigmoid_.default: (torch.sigmoid_, 1, frozenset()),
+    aten.tanh_.default: (torch.tanh_, 1, frozenset()),
+    aten.hardswish_.default: (torch._C._nn.hardswish_, 1, frozenset()),
+    aten.silu_.default: (torch._C._nn.silu_, 1, frozenset()),
+    aten.hardtanh_.default: (F.hardtanh_, 3, frozenset()),
+    aten.dropout_.default: (torch.dropout_, 3, frozenset()),
 }
 
 
@@ -633,7 +649,10 @@ def _set_path(root: nn.Module, fqn: str, make: Callable[[nn.Module, str], None])
 
 
 def _state_copy(t: torch.Tensor) -> torch.Tensor:
-    copy = t.detach().clone()
+    """A contiguous copy: a constant made with ``.expand`` (a ``token_type_ids`` buffer) has
+    stride 0, and loading a state dict into such a tensor fails ("more than one element of
+    the written-to tensor refers to a single memory location"), so it is materialised."""
+    copy = t.detach().clone(memory_format=torch.contiguous_format)
     if isinstance(t, nn.Parameter):
         return nn.Parameter(copy, requires_grad=t.requires_grad)
     return copy
@@ -828,6 +847,7 @@ def lift(ep: ExportedProgram) -> fx.GraphModule:
         if _has_mode(module):
             gm.get_submodule(name).train(module.training)
     gm.meta[LIFT_KEY] = report
+    canonicalize(gm)
     return gm
 
 

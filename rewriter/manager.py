@@ -4,12 +4,19 @@ After each pass: ``graph.lint()``, removal of orphan submodules, recompile,
 shape propagation with the example inputs and a comparison of the output
 shapes with the input model's, and, when the pass declares
 ``preserves_outputs``, numeric equivalence (``torch.testing.assert_close``, eval
-mode, fixed seed). Any failure raises one :class:`PassError` that names the
+mode, fixed seed) computed in float64: the model before and after the pass run with
+their floating-point parameters, buffers and inputs converted to float64 (and restored
+afterwards), so float32 rounding accumulated over a deep net is not mistaken for a
+changed function, while a changed function still fails. A model that cannot run in
+float64 is compared in its own dtype. ``atol`` is scaled by the largest output magnitude
+(at least 1): a rewrite's new parameters are rounded to the model's dtype (RBN's
+``gamma / sigmoid(1)``), an error relative to the outputs' scale, not an absolute one. Any failure raises one :class:`PassError` that names the
 pass, the node, the rule and the passes already run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
@@ -22,6 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
+from .canonical import CanonicalReport, canonical_report
 from .context import RewriteContext, RuleLoopError
 from .errors import PassError, RewriterError
 from .registry import Pass
@@ -40,6 +48,7 @@ class Checks:
     rtol: float = 1e-5
     atol: float = 1e-5
     seed: int = 0  # for the numeric check and for random parameters passes create
+    float64: bool = True  # compare outputs in float64 (see the module docs)
 
 
 @dataclass
@@ -69,6 +78,7 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     opaque: dict[str, str] = field(default_factory=dict)
     checked: bool = True  # False when no example inputs allowed shape/numeric checks
+    canonical: CanonicalReport | None = None  # what the front end lifted (rewriter.canonical)
     frontend: str = "fx"  # "fx" (torch.fx tracing) or "export" (torch.export + lifting)
 
     def pipeline(self) -> list[tuple[str, dict[str, Any]]]:
@@ -93,6 +103,8 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         for p in self.passes:
             lines.extend(f"note ({p.name}): {n}" for n in p.notes)
+        if self.canonical is not None:
+            lines.extend(f"canonical: {line}" for line in self.canonical.lines())
         for name, why in self.opaque.items():
             lines.append(f"opaque module {name!r}: {why}")
         if not self.checked:
@@ -141,6 +153,57 @@ def evaluate(gm: nn.Module, inputs: Sequence[torch.Tensor], seed: int = 0) -> An
         _restore(states)
 
 
+@contextlib.contextmanager
+def in_float64(gm: nn.Module):
+    """Temporarily hold every floating-point parameter and buffer of ``gm`` in float64.
+
+    The tensors stay the same objects (their ``.data`` is swapped for a float64 copy); on
+    exit each gets its own storage back, with the values it holds then copied in (converted
+    to its dtype), so in-place changes made meanwhile (masks set to 0/1) are kept and
+    storage pointers are unchanged.
+    """
+    changed: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for t in (*gm.parameters(), *gm.buffers()):
+            if t.is_floating_point() and t.dtype != torch.float64:
+                changed.append((t, t.data))
+                t.data = t.data.double()
+        yield
+    finally:
+        with torch.no_grad():
+            for t, original in changed:
+                wide = t.data
+                t.data = original
+                if not torch.equal(wide, original):  # skips the copy when nothing changed
+                    original.copy_(wide)
+
+
+def _double(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(
+        x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
+    )
+
+
+def evaluate64(gm: nn.Module, inputs: Sequence[torch.Tensor], seed: int = 0) -> Any | None:
+    """:func:`evaluate` on float64 copies of the state and inputs; ``None`` if it cannot run."""
+    try:
+        with in_float64(gm):
+            return evaluate(gm, _double(inputs), seed)
+    except Exception:
+        return None
+
+
+def _magnitude(out: Any) -> float:
+    """The largest absolute floating-point output value, at least 1 (scales ``atol``)."""
+    leaves, _ = tree_flatten(out)
+    peaks = [
+        float(x.detach().abs().max())
+        for x in leaves
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()
+    ]
+    return max([1.0, *[p for p in peaks if p == p and p != float("inf")]])
+
+
 def _shapes(out: Any) -> list[tuple[int, ...]]:
     leaves, _ = tree_flatten(out)
     return [tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)]
@@ -155,6 +218,7 @@ def run_passes(
     """Apply ``passes`` to ``gm`` in order, checking after each; records a report."""
     rep: Report = gm.meta.get(REPORT_KEY) or Report(source=gm.meta.get("rewriter_source"))
     rep.opaque = opaque_modules(gm)
+    rep.canonical = canonical_report(gm) or rep.canonical
     gm.meta[REPORT_KEY] = rep
     history = [p.name for p in rep.passes]
     rep.checked = rep.checked and example_inputs is not None
@@ -173,6 +237,7 @@ def run_passes(
                 "  Give inputs the model accepts (shape, dtype, number of arguments)."
             ) from exc
 
+    reference64 = None  # float64 outputs of the graph as it is now, when known
     for p in passes:
         if rep.opaque:
             warnings.warn(
@@ -180,6 +245,11 @@ def run_passes(
                 f"{', '.join(sorted(rep.opaque))}; they are left unchanged",
                 stacklevel=3,
             )
+        numeric = (
+            checks.numerics and checks.float64 and p.preserves_outputs and example_inputs is not None
+        )
+        if numeric and reference64 is None:
+            reference64 = evaluate64(gm, example_inputs, checks.seed)
         ctx = RewriteContext(gm, p.name)
         before = _count(gm)
         start = time.perf_counter()
@@ -214,7 +284,9 @@ def run_passes(
         _delete_orphans(gm)
         gm.recompile()
         if example_inputs is not None and (checks.shapes or checks.numerics):
-            out = _check_outputs(gm, p, example_inputs, reference, ref_shapes, checks, fail)
+            out, reference64 = _check_outputs(
+                gm, p, example_inputs, (reference, reference64), ref_shapes, checks, fail
+            )
             reference = out
         after = _count(gm)
         rep.passes.append(
@@ -257,24 +329,45 @@ def _delete_orphans(gm: fx.GraphModule) -> None:
         gm.delete_submodule(name)  # a no-op when a parent was already deleted
 
 
+class _ShapeProp(ShapeProp):
+    """``ShapeProp`` that also marks nodes whose value is not a tensor (sizes, ints, None).
+
+    They get ``tensor_meta = None``: shapes were propagated, the value has none.
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta.setdefault("tensor_meta", None)
+        return result
+
+
 def _propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
-    """Record ``tensor_meta`` on every node (eval mode, no grad; modes restored)."""
+    """Record ``tensor_meta`` on every node (eval mode, no grad; modes restored).
+
+    Nodes whose value is not a tensor (``x.size(0)``, a ``None`` default argument) get
+    ``tensor_meta = None``.
+    """
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)  # so a failure points at the first node that fails
     states = _training_states(gm)
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            _ShapeProp(gm).propagate(*inputs)
     finally:
         _restore(states)
 
 
-def _check_outputs(gm, p, inputs, reference, ref_shapes, checks, fail):
+def _check_outputs(gm, p, inputs, references, ref_shapes, checks, fail):
+    """Shape and numeric checks after pass ``p``; returns (outputs, float64 outputs or None)."""
+    reference, reference64 = references
     try:
         _propagate_shapes(gm, inputs)
     except Exception as exc:
-        node = next((n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"), None)
+        node = next(
+            (n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"),
+            None,
+        )
         raise fail(
             f"the rewritten model fails on the example inputs: {_root_cause(exc)}",
             node=node,
@@ -282,11 +375,19 @@ def _check_outputs(gm, p, inputs, reference, ref_shapes, checks, fail):
     out = evaluate(gm, inputs, checks.seed)
     if checks.shapes and _shapes(out) != ref_shapes:
         raise fail(f"output shapes changed: {ref_shapes} before, {_shapes(out)} after")
+    out64 = None
     if checks.numerics and p.preserves_outputs:
+        if reference64 is not None:
+            out64 = evaluate64(gm, inputs, checks.seed)
+        expected, got, where = (reference, out, "")
+        if out64 is not None:
+            expected, got, where = reference64, out64, ", compared in float64"
+        scale = _magnitude(expected)
         try:
-            torch.testing.assert_close(out, reference, rtol=checks.rtol, atol=checks.atol)
+            torch.testing.assert_close(got, expected, rtol=checks.rtol, atol=checks.atol * scale)
         except AssertionError as exc:
             raise fail(
-                f"the pass declares preserves_outputs but the outputs changed (eval mode): {exc}"
+                "the pass declares preserves_outputs but the outputs changed "
+                f"(eval mode{where}, atol {checks.atol} x output magnitude {scale:.3g}): {exc}"
             ) from exc
-    return out
+    return out, out64

@@ -8,6 +8,7 @@ reason, so passes can warn that they cannot see inside it.
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .canonical import canonicalize
 from .errors import TraceError
 from .modules import RewriterModule
 
@@ -72,6 +74,7 @@ def trace(
     *,
     leaves: Iterable[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    canonical: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` into an ``fx.GraphModule`` without mutating it.
 
@@ -79,6 +82,14 @@ def trace(
     single ``call_module`` nodes. Submodules that fail to trace become leaves
     automatically; ``opaque_modules(gm)`` lists them with the reason.
     Raises ``TraceError`` when the model's own ``forward`` cannot be traced.
+
+    Arguments of ``forward`` after the first whose default is ``None``, a bool, a number
+    or a string (``forward(self, x, mask=None)``) are traced with that default unless
+    ``concrete_args`` says otherwise, so ``if mask is not None`` takes the default's
+    branch. The graph is then canonicalised (:func:`rewriter.canonical.canonicalize`:
+    functional layers on a module's own parameters become modules, in-place ops become
+    out-of-place, ``nn.MultiheadAttention`` becomes explicit); ``canonical=False`` skips
+    that step.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() expects an nn.Module, got {type(model).__name__}")
@@ -94,6 +105,8 @@ def trace(
         raise TraceError(f"leaves name submodules that do not exist: {missing}")
 
     opaque: dict[str, str] = dict(getattr(model, "meta", {}).get(OPAQUE_KEY, {}))
+    if concrete_args is None:
+        concrete_args = _constant_defaults(model)
     for _ in range(_MAX_RETRIES):
         tracer = Tracer(names | set(opaque), classes)
         try:
@@ -121,8 +134,27 @@ def trace(
         )
         if source is not None:
             gm.meta["rewriter_source"] = source
+        if canonical:
+            canonicalize(gm, source=model)
         return gm
     raise TraceError(f"gave up tracing {type(model).__name__} after {_MAX_RETRIES} retries")
+
+
+def _constant_defaults(model: nn.Module) -> dict[str, Any] | None:
+    """``forward``'s arguments (after the first) with a constant default, by name."""
+    if isinstance(model, fx.GraphModule):
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    out = {
+        p.name: p.default
+        for p in params[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    }
+    return out or None
 
 
 def opaque_modules(gm: fx.GraphModule) -> dict[str, str]:

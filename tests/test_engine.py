@@ -910,3 +910,107 @@ def test_no_warning_without_opaque_modules() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rw.rewrite(net(), ["masks"], inputs())
+
+
+# ---------------------------------------------------------------------------
+# The numeric check: float64, atol scaled by the outputs' magnitude
+# ---------------------------------------------------------------------------
+
+
+class FoldedNorm(rw.RewriterModule):
+    """An eval-mode BatchNorm folded into ``x * scale + shift`` (float32 parameters)."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        self.scale = nn.Parameter(scale.view(1, -1, 1, 1).clone())
+        self.shift = nn.Parameter((bn.bias.detach() - bn.running_mean * scale).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
+
+
+def fold(ctx: rw.RewriteContext, m: rw.Match) -> fx.Node:
+    """bn(x) -> x * scale + shift: the same function, rounded differently"""
+    node = m.root
+    name = ctx.add_module(node, "folded", FoldedNorm(ctx.module(node)))
+    return ctx.call_module(name, node.args)
+
+
+@rw.register
+@dataclass(frozen=True)
+class FoldPass(rw.Pass):
+    """bn(x) => x * scale + shift (eval mode)"""
+
+    name = "test_engine_fold"
+    preserves_outputs = True
+
+    def rules(self) -> list:
+        return [(rw.P.module(nn.BatchNorm2d), fold)]
+
+
+def flip_last_conv(ctx: rw.RewriteContext, m: rw.Match) -> fx.Node | None:
+    """conv(x) -> conv(x) with one weight's sign flipped, in the conv before the head"""
+    if any(u.op == "call_module" and isinstance(ctx.module(u), nn.Conv2d) for u in m.root.users):
+        return None
+    if not isinstance(ctx.module(m.root.next), nn.AdaptiveAvgPool2d) or ctx.matches:
+        return None
+    with torch.no_grad():
+        ctx.module(m.root).weight[0, 0, 1, 1].neg_()
+    return m.root
+
+
+@rw.register
+@dataclass(frozen=True)
+class FlipPass(rw.Pass):
+    """conv(x) => conv with one weight negated (last conv), claiming to preserve outputs"""
+
+    name = "test_engine_flip"
+    preserves_outputs = True
+
+    def rules(self) -> list:
+        return [(rw.P.module(nn.Conv2d), flip_last_conv)]
+
+
+def deep_net(depth: int = 24) -> nn.Module:
+    """conv-bn-relu x depth with logits in the hundreds."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1)]
+    for _ in range(depth):
+        bn = nn.BatchNorm2d(16)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.2, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+        layers += [bn, nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+    head = nn.Linear(16, 200)
+    with torch.no_grad():
+        head.weight.mul_(3000.0)
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    return model.eval()
+
+
+def test_numeric_check_accepts_float32_rounding_of_a_deep_net_and_catches_a_sign_flip() -> None:
+    model, x = deep_net(), inputs()
+    folded = rw.rewrite(model, ["test_engine_fold"], x)  # passes the default check
+    assert rw.report(folded).passes[0].fired == 24
+    with torch.no_grad():
+        ref, got = model(*x), folded(*x)
+    assert ref.abs().max() > 100
+    # the same function, but float32 rounding differs by more than a fixed atol allows
+    assert not torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-5 * ref.abs().max())
+    with pytest.raises(rw.PassError, match="compared in float64") as info:
+        rw.rewrite(model, ["test_engine_flip"], x)
+    assert info.value.pass_name == "test_engine_flip"
+    with pytest.raises(rw.PassError, match="compared in float64"):
+        rw.rewrite(model, ["test_engine_fold", "test_engine_flip"], x)
+
+
+def test_numeric_check_restores_dtypes_and_storage() -> None:
+    model, x = deep_net(4), inputs()
+    net = rw.rewrite(model, ["masks", "rbn"], x)
+    assert {t.dtype for t in net.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    pointers = {k: t.data_ptr() for k, t in net.state_dict().items()}
+    rw.rewrite(net, ["test_engine_probe"], x)  # works on a copy; net itself is unchanged
+    assert {k: t.data_ptr() for k, t in net.state_dict().items()} == pointers

@@ -349,3 +349,41 @@ def test_missing_or_damaged_pt2(tmp_path: Path, content, message: str) -> None:
         path.write_bytes(content)
     with pytest.raises(ArtifactError, match=message):
         load_pt2(path)
+
+
+class ExpandedBuffers(nn.Module):
+    """Buffers created with ``.expand`` (stride 0), like a ``token_type_ids`` buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ids = torch.zeros(1, 4, dtype=torch.long).expand(2, 4)
+        self.register_buffer("token_type_ids", ids, persistent=True)
+        self.register_buffer("positions", torch.arange(4.0).expand(1, 4), persistent=False)
+        self.emb = nn.Embedding(3, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.emb(self.token_type_ids) + x + self.positions.unsqueeze(-1))
+
+
+def test_expanded_constants_are_materialised_and_load_back(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rewriter.cli import cli
+
+    model = ExpandedBuffers().eval()
+    x = torch.randn(2, 4, 8)
+    ep = export(model, x)
+    assert any(0 in t.stride() for t in [*ep.state_dict.values(), *ep.constants.values()])
+    gm = lift(ep)
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        assert t.is_contiguous() and 0 not in t.stride(), name
+    gm.load_state_dict(model.state_dict(), strict=False)  # writing into them works
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    program, out = tmp_path / "m.pt2", tmp_path / "m.safetensors"
+    torch.export.save(ep, program)
+    result = CliRunner().invoke(cli, ["apply", str(program), "--pass", "masks", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        assert torch.equal(rewriter.load(out)(x), model(x))

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+import rewriter as rw
 from rewriter.testing.strategies import RandomDAG, RandomModel, random_model, random_models
 
 
@@ -20,7 +21,9 @@ def _check_traces_exactly(rm: RandomModel) -> None:
     model = rm.model
     assert isinstance(model, RandomDAG)
     assert model.training  # left in train mode, with warmed-up BN statistics
-    traced = torch.fx.symbolic_trace(model)
+    # rewriter.trace, not bare fx: a fused BatchNorm+activation subclass records its
+    # F.batch_norm with the training flag of the moment; canonicalised, it follows the mode
+    traced = rw.trace(model)
     model.eval()
     traced.eval()
     with torch.no_grad():
@@ -133,3 +136,32 @@ def test_invalid_arguments() -> None:
         random_models(min_ops=5, max_ops=2)
     with pytest.raises(ValueError):
         random_model(0, max_channels=0)
+
+
+def test_idiom_vocabulary_is_covered_and_canonicalised_exactly() -> None:
+    from rewriter.canonical import canonical_report
+
+    tags: set[str] = set()
+    lifted: dict[str, int] = {}
+    for seed in range(40):
+        rm = random_model(seed, idioms=True)
+        tags |= rm.op_tags
+        _check_traces_exactly(rm)  # eval mode
+        model, gm = rm.model.train(), rw.trace(rm.model)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # and training mode
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(_as_tuple(model(*rm.example_inputs)), _as_tuple(gm(*rm.example_inputs)), strict=True)
+            )
+        report = canonical_report(gm)
+        assert report.kept == [], rm.description
+        for key, n in [*report.lifted.items(), *report.inplace.items()]:
+            lifted[key] = lifted.get(key, 0) + n
+        kinds = {type(m) for m in gm.modules()}
+        assert not any(k.__name__ in ("FunctionalConv2d", "BatchNormAct2d") for k in kinds)
+    required = {"fconv", "normact", "gn", "ln", "conv_act_", "conv_iadd", "slice", "gate"}
+    assert required <= tags, sorted(required - tags)
+    assert {"F.conv2d -> Conv2d", "F.batch_norm -> BatchNorm2d"} <= set(lifted), lifted
+    assert any(key.startswith(("Tensor.relu_", "F.")) and "inplace" in key or key == "Tensor.relu_"
+               for key in lifted), lifted  # fmt: skip
+    assert random_model(3).description == random_model(3, idioms=False).description

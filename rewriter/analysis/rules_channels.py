@@ -334,6 +334,14 @@ def hardtanh(c: Coupler, node: fx.Node) -> Value:
     return same(c, node, lo <= 0 <= hi)
 
 
+def creates(c: Coupler, node: fx.Node) -> Value:
+    """``x.new_empty(sizes)``, ``torch.zeros_like(x)``...: a new tensor that reads only the
+    shape, dtype and device of ``x``. Nothing is coupled; the result is not followed, so any
+    later op that combines it with followed channels decides (a per-sample ``(N, 1, 1, 1)``
+    drop-path mask broadcasts over them, a full-width one blocks them)."""
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
@@ -449,6 +457,10 @@ FUNCTIONS: dict[Any, Handler] = {
         torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, torch.cos,
         F.alpha_dropout, F.feature_alpha_dropout, F.logsigmoid,
     )},
+    **{f: creates for f in (
+        torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like,
+        torch.full_like,
+    )},
 }  # fmt: skip
 
 METHODS: dict[str, Handler] = {
@@ -471,7 +483,10 @@ METHODS: dict[str, Handler] = {
         "float", "double", "half", "bfloat16", "to", "type_as", "cpu", "cuda",
         "requires_grad_", "square",
     )},
-    **{name: _elementwise(False) for name in ("sigmoid", "sigmoid_", "exp", "exp_")},
+    **{name: _elementwise(False) for name in (
+        "sigmoid", "sigmoid_", "exp", "exp_", "bernoulli_", "bernoulli", "uniform_", "normal_",
+    )},
+    **{name: creates for name in ("new_empty", "new_zeros", "new_ones", "new_full")},
 }  # fmt: skip
 
 

@@ -111,6 +111,17 @@ class RandomDAG(nn.Module):
                 out = F.adaptive_avg_pool2d(args[0], 1)
             elif kind == "flatten":
                 out = torch.flatten(args[0], 1)
+            elif kind == "module_act_":  # a layer, then an in-place activation on its output
+                out = self.layers[op.module](args[0])
+                out = _INPLACE_ACTS[op.arg](out)  # type: ignore[index]
+            elif kind == "module_iadd":  # a layer, then `out += other`
+                out = self.layers[op.module](args[0])
+                out += args[1]
+            elif kind == "slice":
+                lo, hi = op.arg  # type: ignore[misc]
+                out = args[0][:, lo:hi]
+            elif kind == "gate":  # a sigmoid gate from the value's own pooled channels
+                out = args[0] * torch.sigmoid(args[0].mean((2, 3), keepdim=True))
             elif kind == "split":
                 pieces = torch.split(args[0], op.arg, dim=1)
                 values.extend(pieces[i] for i in op.picks)
@@ -125,6 +136,40 @@ class RandomDAG(nn.Module):
         if len(self.outputs) == 1:
             return values[self.outputs[0]]
         return tuple(values[i] for i in self.outputs)
+
+
+class FunctionalConv2d(nn.Conv2d):
+    """A ``nn.Conv2d`` subclass whose own forward calls ``F.conv2d`` on its parameters, as
+    library conv variants do (torch.fx traces through it: a functional call on get_attr
+    parameters, which the canonical front end lifts back to ``nn.Conv2d``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A fused norm + activation: ``F.batch_norm`` on its own parameters, then ``act``."""
+
+    def __init__(self, num_features: int, act: bool) -> None:
+        super().__init__(num_features)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            self.momentum, self.eps,
+        )  # fmt: skip
+        return self.act(x)
+
+
+_INPLACE_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu_": lambda x: x.relu_(),
+    "F.relu(inplace)": lambda x: F.relu(x, inplace=True),
+    "F.hardswish(inplace)": lambda x: F.hardswish(x, inplace=True),
+    "F.silu(inplace)": lambda x: F.silu(x, inplace=True),
+}
 
 
 @dataclass(frozen=True, repr=False)
@@ -205,6 +250,11 @@ class _DrawChooser:
 # Weighted op vocabulary of the body (repeats raise the weight).
 _BODY_OPS: tuple[str, ...] = (
     "conv", "conv", "conv", "bn", "bn", "act", "act", "add", "add", "mul", "cat", "split", "pool",
+)  # fmt: skip
+
+# The ways popular libraries write layers (the canonical front end must see through them).
+_IDIOM_OPS: tuple[str, ...] = (
+    "fconv", "normact", "norm", "conv_act_", "conv_iadd", "slice", "gate",
 )  # fmt: skip
 
 Shape = tuple[int, int]
@@ -460,6 +510,82 @@ class _Builder:
         self.emit(kind, [vid], kind, outputs, detail, arg=arg, picks=picks)
         return True
 
+    # -- idioms (random_models(idioms=True)) ----------------------------------------------------
+
+    def _conv_module(
+        self, vid: int, c_out: int | None = None, cls: type[nn.Conv2d] = nn.Conv2d
+    ) -> tuple[nn.Conv2d, Shape, str]:
+        c = self.chooser
+        c_in, size = self.shapes[vid]
+        kernel = c.choice((3, 1))
+        c_out = c_out if c_out is not None else c.integer(1, self.max_channels)
+        conv = cls(c_in, c_out, kernel, 1, kernel // 2, bias=c.boolean())
+        return conv, (c_out, size), f"{kernel}x{kernel} {c_in}->{c_out}"
+
+    def op_fconv(self) -> bool:
+        vid = self.pick()
+        assert vid is not None
+        conv, out, detail = self._conv_module(vid, cls=FunctionalConv2d)
+        self.emit("module", [vid], "fconv", [out], detail, conv)
+        return True
+
+    def op_normact(self) -> bool:
+        vid = self.pick()
+        assert vid is not None
+        act = self.chooser.boolean()
+        module = BatchNormAct2d(self.shapes[vid][0], act)
+        self.emit("module", [vid], "normact", [self.shapes[vid]], "relu" if act else "", module)
+        return True
+
+    def op_norm(self) -> bool:
+        c = self.chooser
+        vid = self.pick()
+        assert vid is not None
+        channels, size = self.shapes[vid]
+        if c.boolean():
+            groups = c.choice([g for g in range(1, channels + 1) if channels % g == 0])
+            module: nn.Module = nn.GroupNorm(groups, channels)
+            tag, detail = "gn", f"{groups} groups"
+        else:
+            module, tag, detail = nn.LayerNorm(size), "ln", f"over W={size}"
+        self.emit("module", [vid], tag, [self.shapes[vid]], detail, module)
+        return True
+
+    def op_conv_act_(self) -> bool:
+        vid = self.pick()
+        assert vid is not None
+        conv, out, detail = self._conv_module(vid)
+        act = self.chooser.choice(tuple(_INPLACE_ACTS))
+        self.emit("module_act_", [vid], "conv_act_", [out], f"{detail}, {act}", conv, arg=act)  # type: ignore[arg-type]
+        return True
+
+    def op_conv_iadd(self) -> bool:
+        vid = self.pick()
+        assert vid is not None
+        other = self.pick(lambda v: v != vid and self.shapes[v][1] == self.shapes[vid][1])
+        if other is None:
+            return False
+        conv, out, detail = self._conv_module(vid, self.shapes[other][0])
+        self.emit("module_iadd", [vid, other], "conv_iadd", [out], f"{detail}, += v{other}", conv)
+        return True
+
+    def op_slice(self) -> bool:
+        c = self.chooser
+        vid = self.pick(lambda v: self.shapes[v][0] >= 2)
+        if vid is None:
+            return False
+        channels, size = self.shapes[vid]
+        lo = c.integer(0, channels - 1)
+        hi = c.integer(lo + 1, channels)
+        self.emit("slice", [vid], "slice", [(hi - lo, size)], f"[:, {lo}:{hi}]", arg=(lo, hi))
+        return True
+
+    def op_gate(self) -> bool:
+        vid = self.pick()
+        assert vid is not None
+        self.emit("gate", [vid], "gate", [self.shapes[vid]], "x * sigmoid(mean(x))")
+        return True
+
     # -- heads ----------------------------------------------------------------------------------
 
     def head(self, vid: int, num_classes: int) -> int:
@@ -502,7 +628,7 @@ def _randomise_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> None
         torch.set_num_threads(1)
         with torch.no_grad():
             for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
                     module.weight.uniform_(0.5, 1.5)
                     module.bias.uniform_(-0.5, 0.5)
             model.train()
@@ -519,8 +645,10 @@ def _build(
     max_channels: int,
     min_spatial: int,
     allow_two_outputs: bool,
+    idioms: bool = False,
 ) -> RandomModel:
     """Build one random model; every decision comes from ``chooser``."""
+    vocabulary = _BODY_OPS + _IDIOM_OPS if idioms else _BODY_OPS
     in_channels = chooser.integer(1, min(4, max_channels))
     size = chooser.choice((8, 6))
     num_classes = chooser.integer(2, 10)
@@ -532,7 +660,7 @@ def _build(
         builder = _Builder(chooser, max_channels, min_spatial)
         builder.new_value((in_channels, size))
         for _ in range(num_ops):
-            kind = chooser.choice(_BODY_OPS)
+            kind = chooser.choice(vocabulary)
             if not getattr(builder, f"op_{kind}")():
                 builder.op_act()  # always feasible
         outputs = [builder.head(builder.merge_unused(), num_classes)]
@@ -569,12 +697,17 @@ def random_models(
     max_ops: int = 12,
     max_channels: int = 16,
     allow_two_outputs: bool = True,
+    idioms: bool = True,
 ) -> st.SearchStrategy[RandomModel]:
     """Hypothesis strategy of random DAG models with ``min_ops``..``max_ops`` body ops.
 
     The models are tiny (at most ``max_channels`` channels, inputs ``2 x C x H x H`` with C in
     1..4 and H in {6, 8}), end in one classifier head (occasionally two, returned as a tuple), are
     in train mode with warmed-up BN statistics, and are deterministic given the draw.
+    With ``idioms`` (the default) the vocabulary also has layers written the ways libraries
+    write them: functional convs on their own parameters, fused BatchNorm+activation
+    subclasses, GroupNorm and LayerNorm, in-place activations and ``out += x`` after a
+    layer, channel slices ``x[:, a:b]`` and sigmoid gates ``x * sigmoid(mean(x))``.
     """
     _check(min_ops, max_ops, max_channels)
 
@@ -587,6 +720,7 @@ def random_models(
             max_channels=max_channels,
             min_spatial=1,
             allow_two_outputs=allow_two_outputs,
+            idioms=idioms,
         )
 
     return strategy()
@@ -601,6 +735,7 @@ def random_model(
     max_channels: int | None = None,
     min_spatial: int | None = None,
     allow_two_outputs: bool = True,
+    idioms: bool = False,
 ) -> RandomModel:
     """Build one deterministic random model from an integer seed, without hypothesis.
 
@@ -613,6 +748,8 @@ def random_model(
         min_spatial: no stride or pooling below this spatial size; defaults to 1, or 4 when
             ``num_ops > 64`` so that large graphs keep non-trivial feature maps.
         allow_two_outputs: whether the model may occasionally have two heads.
+        idioms: add the idiom vocabulary of :func:`random_models` (off by default, so a
+            seed keeps building the graph benchmarks and seeded tests were written for).
     """
     cap = 1 if max_channels is None else max_channels
     if num_ops is None:
@@ -629,4 +766,5 @@ def random_model(
         max_channels=max_channels if max_channels is not None else (4 if large else 16),
         min_spatial=min_spatial if min_spatial is not None else (4 if large else 1),
         allow_two_outputs=allow_two_outputs,
+        idioms=idioms,
     )

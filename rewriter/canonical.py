@@ -1,0 +1,706 @@
+"""Canonicalisation: one module-level graph, however a model writes its layers.
+
+Every front end (:func:`rewriter.trace`, :func:`rewriter.lift`) ends here, so passes and
+analyses see standard ``call_module`` layers whatever the source:
+
+* **Functional calls on a module's own parameters become layers.** ``F.conv{1,2,3}d``,
+  ``F.linear``, ``F.batch_norm``, ``F.layer_norm`` and ``F.group_norm`` whose weights
+  are read with ``get_attr`` (what tracing through a custom module, or through a layer
+  subclass with its own ``forward`` such as a fused BatchNorm+activation, records)
+  become ``nn.Conv{1,2,3}d`` / ``nn.Linear`` / ``nn.BatchNorm{1,2,3}d`` / ``nn.LayerNorm``
+  / ``nn.GroupNorm`` calls holding the very same parameter tensors. Whatever the
+  original forward did after the call (the activation of a norm-act layer) stays in
+  the graph after the new layer. A ``num_batches_tracked.add_(1)`` of that module is
+  dropped: the BatchNorm counts itself.
+* **In-place ops become out-of-place**: ``out += x`` (``operator.iadd``...),
+  ``x.add_(y)``, ``x.relu_()``, ``torch.relu_``, ``F.relu(x, inplace=True)``,
+  ``F.hardswish/silu/dropout(..., inplace=True)``... An op is rewritten only when no
+  other node reads the tensor it overwrites (or a view of it) afterwards and the tensor
+  is not a model input, parameter or buffer; otherwise it is kept and the report says
+  why. Outputs are bit-identical (same kernels, same values).
+* **Attention becomes explicit**: ``nn.MultiheadAttention`` (packed in-projection, no
+  bias_k/v, no zero attention, attention weights not used) becomes three ``nn.Linear``
+  layers ``q_proj``, ``k_proj``, ``v_proj``, a :class:`HeadAttention` module holding the
+  number of heads (it splits heads, runs ``F.scaled_dot_product_attention`` and merges
+  them) and the ``nn.Linear`` ``out_proj``.
+
+Names (the mapping, also in :attr:`CanonicalReport.renamed`, new name -> original):
+
+* a layer lifted from ``P.weight``/``P.bias`` (and ``P.running_mean``...) is the module
+  ``P``, so state-dict keys are unchanged; the other submodules ``P`` held (a norm-act
+  layer's ``act``, ``drop``) move next to it as ``P_act``, ``P_drop`` (for example
+  ``layer1.0.bn1.act`` -> ``layer1.0.bn1_act``);
+* a layer lifted from differently named parameters ``P.<stem>_weight``/``P.<stem>_bias``
+  (or ``P.<stem>``) is the module ``P.<stem>`` (``P.in_proj_weight`` -> ``P.in_proj.weight``);
+* ``nn.MultiheadAttention`` ``P``: ``P.in_proj_weight`` rows ``[0:E]``, ``[E:2E]``,
+  ``[2E:3E]`` -> ``P.q_proj.weight``, ``P.k_proj.weight``, ``P.v_proj.weight`` (bias
+  likewise); ``P.out_proj`` keeps its name; the heads are ``P.attention``.
+
+Deviations: a module whose forward branches on ``self.training`` is traced in the mode
+the model is in (that is how ``torch.fx`` and ``torch.export`` work); a lifted
+BatchNorm then computes in each mode what ``nn.BatchNorm2d`` computes, which is what
+fused norm-act layers do.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .modules import RewriterModule
+
+CANONICAL_KEY = "rewriter_canonical"
+
+__all__ = ["CanonicalReport", "HeadAttention", "canonical_report", "canonicalize"]
+
+
+@dataclass
+class CanonicalReport:
+    """What :func:`canonicalize` changed.
+
+    Attributes:
+        lifted: functional call or module -> layer class, per lifted call
+            (``{"F.batch_norm -> BatchNorm2d": 3}``).
+        inplace: in-place ops made out-of-place, by op (``{"operator.iadd": 2}``).
+        renamed: new qualified name -> original name, for every parameter, buffer or
+            submodule whose name changed.
+        kept: ``(node, op, reason)`` for calls left as they are.
+    """
+
+    lifted: dict[str, int] = field(default_factory=dict)
+    inplace: dict[str, int] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
+    kept: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.lifted or self.inplace or self.renamed or self.kept)
+
+    def lines(self) -> list[str]:
+        out = [f"lifted {n} x {what}" for what, n in self.lifted.items()]
+        out += [f"made out-of-place {n} x {op}" for op, n in self.inplace.items()]
+        out += [f"renamed {old!r} -> {new!r}" for new, old in self.renamed.items()]
+        out += [f"kept {op} at node {node!r}: {why}" for node, op, why in self.kept]
+        return out
+
+    def _count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+def canonical_report(gm: nn.Module) -> CanonicalReport | None:
+    """The :class:`CanonicalReport` of a canonicalised GraphModule, else ``None``."""
+    return getattr(gm, "meta", {}).get(CANONICAL_KEY)
+
+
+class HeadAttention(RewriterModule):
+    """Multi-head scaled dot-product attention on projected ``q``, ``k``, ``v``.
+
+    ``(N, L, E) x3 -> (N, L, E)`` (``(L, N, E)`` when ``batch_first=False``): splits
+    ``E`` into ``num_heads`` heads of ``E // num_heads`` channels, runs
+    ``F.scaled_dot_product_attention`` (dropout ``dropout`` in training mode only) and
+    merges the heads. Channel ``i`` of head ``h`` is channel ``h * E/num_heads + i``.
+    """
+
+    def __init__(self, num_heads: int, dropout: float = 0.0, batch_first: bool = True) -> None:
+        super().__init__()
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.batch_first = bool(batch_first)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:  # fmt: skip
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        n, lq, e = q.shape
+        h = self.num_heads
+        qh = q.view(n, lq, h, e // h).transpose(1, 2)
+        kh = k.view(n, k.shape[1], h, k.shape[2] // h).transpose(1, 2)
+        vh = v.view(n, v.shape[1], h, v.shape[2] // h).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask, p, is_causal)
+        out = out.transpose(1, 2).reshape(n, lq, -1)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, dropout={self.dropout}, batch_first={self.batch_first}"
+
+
+# -- functional layers ------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """A planned layer: the module, its input, and which get_attr feeds which attribute."""
+
+    module: nn.Module
+    input: Any
+    state: dict[str, fx.Node]  # module attribute -> get_attr node
+    extra: tuple[fx.Node, ...] = ()  # nodes that disappear with the call
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _attr(value: Any) -> fx.Node | None:
+    return value if isinstance(value, fx.Node) and value.op == "get_attr" else None
+
+
+def _tensor(gm: fx.GraphModule, node: fx.Node) -> Tensor:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _conv(dims: int) -> Callable[[fx.GraphModule, fx.Node], _Layer | str]:
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+
+    def plan(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
+        weight, bias = _attr(_arg(node, 1, "weight")), _arg(node, 2, "bias")
+        if weight is None:
+            return "the weight is not a parameter read with get_attr"
+        if bias is not None and _attr(bias) is None:
+            return "the bias is not a parameter read with get_attr"
+        w = _tensor(gm, weight)
+        if w.dim() != dims + 2:
+            return f"the weight is {w.dim()}-d"
+        options = {
+            "stride": _arg(node, 3, "stride", 1),
+            "padding": _arg(node, 4, "padding", 0),
+            "dilation": _arg(node, 5, "dilation", 1),
+            "groups": _arg(node, 6, "groups", 1),
+        }
+        if any(isinstance(v, fx.Node) for v in options.values()):
+            return "an option is computed in the graph"
+        groups = int(options["groups"])
+        with torch.device("meta"):
+            module = cls(
+                w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), bias=bias is not None,
+                **options,
+            )  # fmt: skip
+        state = {"weight": weight} | ({"bias": bias} if bias is not None else {})
+        return _Layer(module, _arg(node, 0, "input"), state)
+
+    return plan
+
+
+def _linear(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
+    weight, bias = _attr(_arg(node, 1, "weight")), _arg(node, 2, "bias")
+    if weight is None:
+        return "the weight is not a parameter read with get_attr"
+    if bias is not None and _attr(bias) is None:
+        return "the bias is not a parameter read with get_attr"
+    w = _tensor(gm, weight)
+    if w.dim() != 2:
+        return f"the weight is {w.dim()}-d"
+    with torch.device("meta"):
+        module = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    state = {"weight": weight} | ({"bias": bias} if bias is not None else {})
+    return _Layer(module, _arg(node, 0, "input"), state)
+
+
+def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
+    names = ("running_mean", "running_var", "weight", "bias")
+    refs = {n: _arg(node, i + 1, n) for i, n in enumerate(names)}
+    if any(v is not None and _attr(v) is None for v in refs.values()):
+        return "an argument is computed in the graph, not a parameter or buffer"
+    if refs["weight"] is None or refs["bias"] is None:
+        return "no affine weight and bias to lift"
+    if (refs["running_mean"] is None) != (refs["running_var"] is None):
+        return "only one of running_mean and running_var is given"
+    training, momentum, eps = (
+        _arg(node, 5, "training", False), _arg(node, 6, "momentum", 0.1), _arg(node, 7, "eps", 1e-5)
+    )  # fmt: skip
+    if not isinstance(training, bool) or not isinstance(momentum, (int, float)):
+        return "training or momentum is computed in the graph"
+    if not isinstance(eps, (int, float)):
+        return "eps is computed in the graph"
+    track = refs["running_mean"] is not None
+    if not track and not training:
+        return "normalises with batch statistics in eval mode but tracks none"
+    shape = _shape(_arg(node, 0, "input"))
+    c = _tensor(gm, refs["weight"]).shape[0]
+    rank = len(shape) if shape is not None else None
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)  # type: ignore[arg-type]
+    if cls is None:
+        return "the input's rank is unknown or not 2 to 5"
+    with torch.device("meta"):
+        module = cls(c, eps=float(eps), momentum=float(momentum), track_running_stats=track)
+    module.train(training if track else True)
+    state = {n: v for n, v in refs.items() if v is not None}
+    return _Layer(module, _arg(node, 0, "input"), state)
+
+
+def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
+    shape, weight, bias = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    eps = _arg(node, 4, "eps", 1e-5)
+    if _attr(weight) is None or (bias is not None and _attr(bias) is None):
+        return "the weight or bias is not a parameter read with get_attr"
+    if isinstance(shape, fx.Node) or not isinstance(eps, (int, float)):
+        return "the shape or eps is computed in the graph"
+    shape = [int(s) for s in shape] if isinstance(shape, (list, tuple)) else [int(shape)]
+    with torch.device("meta"):
+        module = nn.LayerNorm(shape, eps=float(eps), bias=bias is not None)
+    state = {"weight": weight} | ({"bias": bias} if bias is not None else {})
+    return _Layer(module, _arg(node, 0, "input"), state)
+
+
+def _group_norm(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
+    groups, weight, bias = _arg(node, 1, "num_groups"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    eps = _arg(node, 4, "eps", 1e-5)
+    if _attr(weight) is None or _attr(bias) is None:
+        return "the weight and bias are not both parameters read with get_attr"
+    if not isinstance(groups, int) or not isinstance(eps, (int, float)):
+        return "the group count or eps is computed in the graph"
+    c = _tensor(gm, weight).shape[0]
+    with torch.device("meta"):
+        module = nn.GroupNorm(groups, c, eps=float(eps))
+    return _Layer(module, _arg(node, 0, "input"), {"weight": weight, "bias": bias})
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    if not isinstance(value, fx.Node):
+        return None
+    meta = value.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(meta.shape)
+    val = value.meta.get("val")
+    if isinstance(val, Tensor):
+        return tuple(val.shape)
+    return None
+
+
+FUNCTIONAL_LAYERS: dict[Any, tuple[str, Callable[[fx.GraphModule, fx.Node], _Layer | str]]] = {
+    F.conv1d: ("F.conv1d", _conv(1)),
+    F.conv2d: ("F.conv2d", _conv(2)),
+    F.conv3d: ("F.conv3d", _conv(3)),
+    F.linear: ("F.linear", _linear),
+    torch._C._nn.linear: ("F.linear", _linear),
+    F.batch_norm: ("F.batch_norm", _batch_norm),
+    F.layer_norm: ("F.layer_norm", _layer_norm),
+    F.group_norm: ("F.group_norm", _group_norm),
+}
+
+
+def _bn_class(source: nn.Module | None, owner: str) -> type[nn.Module] | None:
+    """The standard BatchNorm class of the source module ``owner`` (a subclass's base)."""
+    if source is None:
+        return None
+    try:
+        module = source.get_submodule(owner)
+    except AttributeError:
+        return None
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        if isinstance(module, cls):
+            return cls
+    return None
+
+
+def _source_tensor(source: nn.Module | None, fqn: str) -> Tensor | None:
+    if source is None:
+        return None
+    obj: Any = source
+    try:
+        for part in fqn.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None
+    return obj if isinstance(obj, Tensor) else None
+
+
+class _Canonicalizer:
+    def __init__(self, gm: fx.GraphModule, source: nn.Module | None, report: CanonicalReport) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.source = source
+        self.report = report
+
+    # -- functional layers --------------------------------------------------------------------
+    def lift_layers(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
+                continue
+            label, plan = FUNCTIONAL_LAYERS[node.target]
+            if node.target is F.batch_norm:
+                self._bn_rank_hint(node)
+            layer = plan(self.gm, node)
+            if isinstance(layer, str):
+                if any(_attr(a) is not None for a in node.args):  # only report own-parameter calls
+                    self.report.kept.append((node.name, label, layer))
+                continue
+            problem = self._install(node, layer)
+            if problem:
+                self.report.kept.append((node.name, label, problem))
+            else:
+                self.report._count(self.report.lifted, f"{label} -> {type(layer.module).__name__}")
+
+    def _bn_rank_hint(self, node: fx.Node) -> None:
+        """Give F.batch_norm's input a rank from the source BatchNorm class when unknown."""
+        x = _arg(node, 0, "input")
+        weight = _attr(_arg(node, 3, "weight"))
+        if not isinstance(x, fx.Node) or _shape(x) is not None or weight is None:
+            return
+        cls = _bn_class(self.source, str(weight.target).rpartition(".")[0])
+        rank = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}.get(cls)  # type: ignore[arg-type]
+        if rank is None and cls is None and x.op == "call_module":  # conv -> F.batch_norm
+            producer = self.gm.get_submodule(str(x.target))
+            if isinstance(producer, nn.modules.conv._ConvNd):
+                rank = len(producer.kernel_size) + 2
+        if rank is None and cls is nn.BatchNorm1d:
+            rank = 2
+        if rank is not None:
+            x.meta["rewriter_rank_hint"] = rank
+            x.meta.setdefault("val", torch.empty((1,) * rank, device="meta"))
+
+    def _install(self, node: fx.Node, layer: _Layer) -> str | None:
+        state = layer.state
+        targets = {a: str(n.target) for a, n in state.items()}
+        for a, n in state.items():
+            if set(n.users) != {node}:
+                return f"{targets[a]!r} is also read by other nodes (shared parameter)"
+        owners = {t.rpartition(".")[0] for t in targets.values()}
+        if len(owners) != 1:
+            return f"its tensors belong to different modules ({', '.join(sorted(targets.values()))})"
+        owner = owners.pop()
+        leaves = {a: t.rpartition(".")[2] for a, t in targets.items()}
+        is_bn = isinstance(layer.module, nn.modules.batchnorm._BatchNorm)
+        counter = self._counter(owner) if is_bn and layer.module.track_running_stats else None
+        if counter is not None and isinstance(counter, str):
+            return counter
+        container = self.gm.get_submodule(owner) if owner else self.gm
+        own = set(container._parameters) | set(container._buffers)
+        used = set(leaves.values()) | ({"num_batches_tracked"} if is_bn else set())
+        whole = owner and all(leaves[a] == a for a in leaves) and own <= used
+        if whole:
+            name = owner
+        else:
+            stem = leaves["weight"].removesuffix("weight").rstrip("_") or leaves["weight"] + "_layer"
+            name = f"{owner}.{stem}" if owner else stem
+            if hasattr(container, stem):
+                return f"cannot name the layer {name!r}: the name is taken"
+        module = layer.module
+        for attr in targets:
+            setattr(module, attr, _tensor(self.gm, state[attr]))
+        if is_bn and module.track_running_stats:
+            nbt = f"{owner}.num_batches_tracked" if owner else "num_batches_tracked"
+            existing = getattr(container, "num_batches_tracked", None)
+            if existing is None:
+                existing = _source_tensor(self.source, nbt)
+            module.num_batches_tracked = (
+                existing if isinstance(existing, Tensor) else torch.tensor(0, dtype=torch.long)
+            )
+        with self.graph.inserting_before(node):
+            new = self.graph.call_module(name, (layer.input,))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "tensor_meta"})
+        if "tensor_meta" in node.meta:
+            new.meta["tensor_meta"] = node.meta["tensor_meta"]
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        for n in state.values():
+            if not n.users:
+                self.graph.erase_node(n)
+        if isinstance(counter, fx.Node):
+            getter = counter.args[0]
+            self.graph.erase_node(counter)
+            if isinstance(getter, fx.Node) and not getter.users:
+                self.graph.erase_node(getter)
+        if whole:
+            self._replace_container(owner, module)
+        else:
+            for attr, leaf in leaves.items():
+                delattr(container, leaf)
+                self.report.renamed[f"{name}.{attr}"] = f"{owner}.{leaf}" if owner else leaf
+            self.gm.add_submodule(name, module)
+        return None
+
+    def _counter(self, owner: str) -> fx.Node | str | None:
+        """The ``num_batches_tracked.add_(1)`` node of ``owner``, if its result is unused."""
+        target = f"{owner}.num_batches_tracked" if owner else "num_batches_tracked"
+        for n in self.graph.nodes:
+            if n.op == "get_attr" and n.target == target:
+                for user in list(n.users):
+                    if user.op == "call_method" and user.target == "add_" and not user.users:
+                        return user
+                return f"{target!r} is read by other nodes"
+        return None
+
+    def _replace_container(self, owner: str, module: nn.Module) -> None:
+        """Put ``module`` at ``owner``; the container's other children move next to it."""
+        container = self.gm.get_submodule(owner)
+        parent_name, _, leaf = owner.rpartition(".")
+        parent = self.gm.get_submodule(parent_name) if parent_name else self.gm
+        moves: dict[str, str] = {}
+        for child_name, child in container.named_children():
+            new_leaf = f"{leaf}_{child_name}"
+            i = 0
+            while hasattr(parent, new_leaf):
+                i += 1
+                new_leaf = f"{leaf}_{child_name}_{i}"
+            parent.add_module(new_leaf, child)
+            old = f"{owner}.{child_name}"
+            new = f"{parent_name}.{new_leaf}" if parent_name else new_leaf
+            moves[old] = new
+            self.report.renamed[new] = old
+        setattr(parent, leaf, module)
+        if not moves:
+            return
+        for n in self.graph.nodes:
+            if n.op in ("call_module", "get_attr") and isinstance(n.target, str):
+                for old, new in moves.items():
+                    if n.target == old or n.target.startswith(old + "."):
+                        n.target = new + n.target[len(old) :]
+                        break
+
+    # -- in-place ops -------------------------------------------------------------------------
+    def out_of_place(self) -> None:
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for node in list(self.graph.nodes):
+            change = _inplace_change(node)
+            if change is None:
+                continue
+            label, apply = change
+            problem = self._alias_problem(node, order)
+            if problem:
+                self.report.kept.append((node.name, label, problem))
+                continue
+            apply(node)
+            self.report._count(self.report.inplace, label)
+
+    def _alias_problem(self, node: fx.Node, order: dict[fx.Node, int]) -> str | None:
+        """Why overwriting ``node``'s first argument in place is observable, else None."""
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node):
+            return None
+        component, todo = {first}, [first]
+        while todo:
+            m = todo.pop()
+            if m.op in ("placeholder", "get_attr"):
+                return f"it overwrites {m.op} {m.target!r} (or a view of it)"
+            related = [] if self._fresh(m) else [a for a in m.all_input_nodes]
+            related += [u for u in m.users if u is not node and not self._fresh(u)]
+            for r in related:
+                if r not in component:
+                    component.add(r)
+                    todo.append(r)
+        here = order[node]
+        for m in component:
+            for u in m.users:
+                if u is not node and order.get(u, here + 1) > here:
+                    return f"node {u.name!r} reads the overwritten tensor afterwards"
+        return None
+
+    def _fresh(self, node: fx.Node) -> bool:
+        """Whether ``node`` returns a new tensor (never a view or its input itself)."""
+        if node.op == "call_module":
+            module = self.gm.get_submodule(str(node.target))
+            if getattr(module, "inplace", False):
+                return False
+            return isinstance(module, _FRESH_MODULES)
+        if node.op == "call_function":
+            if node.target in _INPLACE_KWARG:
+                return not _arg(node, _INPLACE_KWARG[node.target], "inplace", False)
+            return node.target in _FRESH_FUNCTIONS
+        if node.op == "call_method":
+            return node.target in _FRESH_METHODS
+        return False
+
+    # -- attention ----------------------------------------------------------------------------
+    def explicit_attention(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op != "call_module":
+                continue
+            module = self.gm.get_submodule(str(node.target))
+            if type(module) is not nn.MultiheadAttention:
+                continue
+            problem = self._attention(node, module)
+            if problem:
+                self.report.kept.append((node.name, "nn.MultiheadAttention", problem))
+            else:
+                self.report._count(
+                    self.report.lifted, "nn.MultiheadAttention -> q/k/v Linear + HeadAttention"
+                )
+
+    def _attention(self, node: fx.Node, m: nn.MultiheadAttention) -> str | None:
+        if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+            return "separate q/k/v projection weights of different sizes"
+        if m.bias_k is not None or m.add_zero_attn:
+            return "bias_k/bias_v or add_zero_attn"
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                 "average_attn_weights", "is_causal")  # fmt: skip
+        call = {n: _arg(node, i, n) for i, n in enumerate(names)}
+        if call["key_padding_mask"] is not None or call["attn_mask"] is not None:
+            return "a key padding mask or attention mask is given"
+        if call["is_causal"]:
+            return "is_causal=True"
+        if any(not isinstance(call[n], fx.Node) for n in ("query", "key", "value")):
+            return "query, key or value is not a tensor"
+        for user in node.users:
+            if user.op != "call_function" or user.target is not operator.getitem:
+                return "its (output, weights) tuple is used whole"
+            if user.args[1] != 0 and user.users:
+                return "the attention weights are used"
+        e = m.embed_dim
+        w, b = m.in_proj_weight.detach(), m.in_proj_bias
+        target = str(node.target)
+        parent_name, _, leaf = target.rpartition(".")
+        parent = self.gm.get_submodule(parent_name) if parent_name else self.gm
+        holder = nn.Module()
+        holder.train(m.training)
+        projections = []
+        for i, which in enumerate("qkv"):
+            lin = nn.Linear(e, e, bias=b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight = nn.Parameter(w[i * e : (i + 1) * e].clone(), m.in_proj_weight.requires_grad)
+                if b is not None:
+                    lin.bias = nn.Parameter(b.detach()[i * e : (i + 1) * e].clone(), b.requires_grad)
+            holder.add_module(f"{which}_proj", lin)
+            projections.append(f"{which}_proj")
+            self.report.renamed[f"{target}.{which}_proj.weight"] = (
+                f"{target}.in_proj_weight[{i * e}:{(i + 1) * e}]"
+            )
+            if b is not None:
+                self.report.renamed[f"{target}.{which}_proj.bias"] = (
+                    f"{target}.in_proj_bias[{i * e}:{(i + 1) * e}]"
+                )
+        out = nn.Linear(e, e, bias=m.out_proj.bias is not None)
+        out.weight, out.bias = m.out_proj.weight, m.out_proj.bias
+        holder.add_module("attention", HeadAttention(m.num_heads, m.dropout, m.batch_first))
+        holder.add_module("out_proj", out)
+        holder.train(m.training)
+        setattr(parent, leaf, holder)
+        with self.graph.inserting_before(node):
+            qkv = [
+                self.graph.call_module(f"{target}.{p}", (call[x],))
+                for p, x in zip(projections, ("query", "key", "value"), strict=True)
+            ]
+            heads = self.graph.call_module(f"{target}.attention", tuple(qkv))
+            result = self.graph.call_module(f"{target}.out_proj", (heads,))
+        for new in (*qkv, heads, result):
+            new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack") or {})
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(result)
+            self.graph.erase_node(user)
+        self.graph.erase_node(node)
+        return None
+
+
+_FRESH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+    nn.GroupNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Embedding, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softmax, HeadAttention,
+)  # fmt: skip
+_FRESH_FUNCTIONS: frozenset[Any] = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add,
+    torch.sub, torch.mul, torch.div, torch.cat, torch.relu, torch.sigmoid, torch.tanh,
+    torch.matmul, torch.softmax, torch.mean, torch.sum, torch.exp, F.gelu, F.softmax,
+    F.scaled_dot_product_attention, F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm,
+    F.layer_norm, F.group_norm, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.zeros_like, torch.ones_like,
+    torch.empty_like, torch.rand_like, torch.randn_like, torch.zeros, torch.ones, torch.empty,
+    torch.rand, torch.randn, torch.full,
+})  # fmt: skip
+_FRESH_METHODS = frozenset({
+    "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "softmax", "mean", "sum",
+    "matmul", "exp", "clone", "__add__", "__mul__", "__sub__", "__truediv__", "__radd__",
+    "__rmul__", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor",
+})  # fmt: skip
+
+# function -> position of its ``inplace`` argument
+_INPLACE_KWARG: dict[Any, int] = {
+    F.relu: 1, F.relu6: 1, F.hardswish: 1, F.silu: 1, F.mish: 1, F.hardsigmoid: 1, F.selu: 1,
+    F.elu: 2, F.celu: 2, F.leaky_relu: 2, F.hardtanh: 3, F.threshold: 3, F.dropout: 3,
+    F.dropout1d: 3, F.dropout2d: 3, F.dropout3d: 3, F.alpha_dropout: 3,
+}  # fmt: skip
+_INPLACE_FUNCTIONS: dict[Any, Any] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: F.relu,
+    torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh, F.elu_: F.elu,
+    F.leaky_relu_: F.leaky_relu, F.hardtanh_: F.hardtanh, torch._C._nn.hardswish_: F.hardswish,
+    torch._C._nn.silu_: F.silu, torch.dropout_: torch.dropout,
+}  # fmt: skip
+_INPLACE_METHODS = frozenset({
+    "add_", "sub_", "mul_", "div_", "relu_", "sigmoid_", "tanh_", "clamp_", "clamp_min_",
+    "clamp_max_", "neg_", "abs_", "exp_", "sqrt_", "pow_",
+})  # fmt: skip
+
+
+def _label(target: Any) -> str:
+    if isinstance(target, str):
+        return f"Tensor.{target}"
+    module = getattr(target, "__module__", "") or ""
+    name = getattr(target, "__name__", str(target))
+    if module == "_operator":
+        return f"operator.{name}"
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    return f"torch.{name}"
+
+
+def _inplace_change(node: fx.Node) -> tuple[str, Callable[[fx.Node], None]] | None:
+    """(label, how to make ``node`` out-of-place) when ``node`` is an in-place op."""
+    if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+        new = _INPLACE_FUNCTIONS[node.target]
+
+        def swap(n: fx.Node) -> None:
+            n.target = new
+
+        return _label(node.target), swap
+    if node.op == "call_function" and node.target in _INPLACE_KWARG:
+        pos = _INPLACE_KWARG[node.target]
+        if not _arg(node, pos, "inplace", False):
+            return None
+
+        def clear(n: fx.Node) -> None:
+            if len(n.args) > pos:
+                n.args = (*n.args[:pos], False, *n.args[pos + 1 :])
+            else:
+                n.kwargs = {**n.kwargs, "inplace": False}
+
+        return f"{_label(node.target)}(inplace=True)", clear
+    if node.op == "call_method" and node.target in _INPLACE_METHODS:
+
+        def method(n: fx.Node) -> None:
+            n.target = str(n.target)[:-1]
+
+        return _label(node.target), method
+    return None
+
+
+def canonicalize(gm: fx.GraphModule, source: nn.Module | None = None) -> fx.GraphModule:
+    """Rewrite ``gm`` in place into the canonical form (see the module docs); return it.
+
+    Running it again (for instance once shapes are recorded, which lifts an
+    ``F.batch_norm`` whose input rank was unknown) changes only what is left and adds to
+    the report. ``source`` is the module ``gm`` was traced from (when known): it tells the class of a
+    BatchNorm subclass traced through, and holds the ``num_batches_tracked`` counters a
+    trace in eval mode does not read. Records a :class:`CanonicalReport`
+    (:func:`canonical_report`); outputs are unchanged.
+    """
+    previous = canonical_report(gm)
+    report = CanonicalReport(renamed=dict(previous.renamed) if previous else {})
+    work = _Canonicalizer(gm, source, report)
+    work.explicit_attention()
+    work.lift_layers()
+    work.out_of_place()
+    if report.lifted or report.inplace:
+        gm.graph.lint()
+        gm.recompile()
+    if previous is not None:  # a second run (with shapes) adds to what the first one did
+        for table, old in ((report.lifted, previous.lifted), (report.inplace, previous.inplace)):
+            for key, n in old.items():
+                table[key] = table.get(key, 0) + n
+    gm.meta[CANONICAL_KEY] = report
+    return gm

@@ -1,0 +1,289 @@
+"""One canonical graph for every model: idioms traced and lifted from .pt2 look like plain models.
+
+Each idiom model of ``tests/idioms.py`` has a plain twin (``nn.Conv2d`` / ``nn.BatchNorm2d``
+/ ``nn.ReLU`` modules, out-of-place ops, the same weights). After tracing, and after
+exporting to ``.pt2`` and lifting, every pass must fire as often as on the twin, and the
+channel groups, residual blocks and slimming must agree.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import idioms
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+import rewriter as rw
+from rewriter.analysis import channel_groups, residual_blocks
+from rewriter.canonical import HeadAttention, canonical_report
+from rewriter.lift import lift, load_pt2
+
+NAMES = [i.name for i in idioms.IDIOMS]
+PASSES = [
+    "masks",
+    "rbn",
+    ("split", {"mode": "kels", "rate": 0.5}),
+    "saliency_gates",
+    "skip_gates",
+    ("synflow", {"density": 0.5}),
+    ("magnitude", {"density": 0.5}),
+]
+
+
+def _idiom(name: str) -> idioms.Idiom:
+    return next(i for i in idioms.IDIOMS if i.name == name)
+
+
+def _source(name: str) -> tuple[nn.Module, nn.Module]:
+    """The idiom model (in the mode it is traced in) and its plain twin with the same weights."""
+    model = idioms.make(name)
+    if _idiom(name).train_trace:
+        model.train()
+    return model, idioms.plain_twin(model, name)
+
+
+def _front(model: nn.Module, front: str, x: Tensor, tmp_path: Path) -> nn.Module:
+    """``model`` as the pass manager gets it: traced, or exported to .pt2, loaded and lifted."""
+    if front == "trace":
+        return model
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (x,)), path)
+    return lift(load_pt2(path))
+
+
+def _fired(net: nn.Module) -> list[int]:
+    return [p.fired for p in rw.report(net).passes]
+
+
+def _groups(gm: fx.GraphModule, x: Tensor) -> list[tuple[int, bool, tuple[str, ...]]]:
+    analysis = channel_groups(gm, (x,))
+    return sorted((g.size, g.prunable, tuple(g.layers_out())) for g in analysis.groups)
+
+
+def _blocks(gm: fx.GraphModule) -> list[tuple[str, str, int]]:
+    """Kind, branch layers and shortcut length (an ``nn.Identity`` act is a node, not a layer)."""
+    out = []
+    for b in residual_blocks(gm):
+        convs = [n for n in b.branch if "conv" in n]
+        out.append((b.kind, ",".join(convs), len(b.shortcut)))
+    return sorted(out)
+
+
+# -- canonical form ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_traced_idioms_compute_exactly_what_the_model_computes(name: str) -> None:
+    model, _ = _source(name)
+    x = idioms.inputs()
+    gm = rw.trace(model)
+    modes = [True] if _idiom(name).train_trace else [False, True]  # drop-path: traced in train
+    for mode in modes:
+        model.train(mode)
+        gm.train(mode)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            expected = model(x)
+            torch.manual_seed(0)
+            assert torch.equal(gm(x), expected), mode
+
+
+def test_fused_norm_act_becomes_batchnorm_then_activation() -> None:
+    model, _ = _source("fused_norm_act")
+    gm = rw.trace(model)
+    report = canonical_report(gm)
+    assert report.lifted == {"F.batch_norm -> BatchNorm2d": 3}
+    assert report.renamed == {
+        "bn_act": "bn.act", "block.bn1_act": "block.bn1.act", "block.bn2_act": "block.bn2.act"
+    }  # fmt: skip
+    assert type(gm.get_submodule("block.bn1")) is nn.BatchNorm2d
+    users = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "block.bn1"]
+    assert [u.target for u in users[0].users] == ["block.bn1_act"]
+    assert set(gm.state_dict()) == set(model.state_dict())  # no parameter was renamed
+    # num_batches_tracked.add_(1) is gone: the BatchNorm counts itself
+    assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "add_"]
+
+
+def test_functional_layers_become_modules_with_the_same_parameters() -> None:
+    model, _ = _source("functional")
+    x = idioms.inputs()
+    net = rw.rewrite(model, [], x)
+    report = canonical_report(net)
+    assert report.lifted == {
+        "F.conv2d -> Conv2d": 3, "F.linear -> Linear": 1, "F.batch_norm -> BatchNorm2d": 3
+    }  # fmt: skip
+    assert report.kept == []
+    assert set(net.state_dict()) == set(model.state_dict())
+    assert type(net.get_submodule("block.conv1")) is nn.Conv2d
+    for mode in (False, True):
+        model.train(mode)
+        net.train(mode)
+        assert torch.equal(net(x), model(x))
+
+
+def test_inplace_ops_become_out_of_place_unless_the_old_value_is_read() -> None:
+    model, _ = _source("inplace")
+    gm = rw.trace(model)
+    assert canonical_report(gm).inplace == {
+        "torch.relu_": 1, "F.relu(inplace=True)": 1, "Tensor.relu_": 1
+    }  # fmt: skip
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            y = self.conv(x)
+            z = y.relu_()  # y itself is returned too: the in-place op is observable
+            return y, z + 1
+
+    gm = rw.trace(Aliased())
+    report = canonical_report(gm)
+    assert report.inplace == {}
+    assert report.kept == [("relu_", "Tensor.relu_", "node 'output' reads the overwritten tensor afterwards")]
+
+    class OnInput(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.add_(1)
+
+    report = canonical_report(rw.trace(OnInput()))
+    assert report.kept and "placeholder" in report.kept[0][2]
+
+
+def test_multihead_attention_becomes_qkv_linears_and_visible_heads() -> None:
+    torch.manual_seed(0)
+    model = idioms.MHAViT().eval()
+    x = idioms.vit_inputs()
+    gm = rw.trace(model)
+    attn = gm.get_submodule("blocks.0.attn")
+    assert [type(attn.get_submodule(n)) for n in ("q_proj", "k_proj", "v_proj", "out_proj")] == [nn.Linear] * 4
+    assert isinstance(attn.attention, HeadAttention) and attn.attention.num_heads == 4
+    assert torch.equal(attn.q_proj.weight, model.blocks[0].attn.in_proj_weight[:16])
+    assert canonical_report(gm).renamed["blocks.0.attn.v_proj.bias"] == "blocks.0.attn.in_proj_bias[32:48]"
+    for mode in (False, True):
+        model.train(mode)
+        gm.train(mode)
+        assert torch.equal(gm(x), model(x))  # with grad enabled torch takes its exact path
+    net = rw.rewrite(model.eval(), ["masks"], x)
+    assert _fired(net) == [2 * 6 + 2]  # q, k, v, out, two MLP linears per block; patch + head
+
+
+def test_optional_arguments_and_sizes_flow_through_every_analysis() -> None:
+    model, plain = _source("view_flatten")
+    x = idioms.inputs()
+    for p in [("split", {"mode": "kels", "rate": 0.5}), ("synflow", {"density": 0.5})]:
+        net = rw.rewrite(model, [p], x)
+        assert _fired(net) == _fired(rw.rewrite(plain, [p], x)), p
+        assert _fired(net)[0] > 0
+    assert len(channel_groups(rw.trace(model), (x,)).prunable()) == 2
+
+
+# -- parity with the plain twin -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("front", ["trace", "pt2"])
+@pytest.mark.parametrize("name", NAMES)
+def test_idioms_look_like_their_plain_twin(name: str, front: str, tmp_path: Path) -> None:
+    model, plain = _source(name)
+    if front == "pt2" and _idiom(name).train_trace:
+        model.eval()  # export a drop-path model for inference: its branch is the identity
+        plain.eval()
+    x = idioms.inputs()
+    source = _front(model, front, x, tmp_path)
+    gm = source if isinstance(source, fx.GraphModule) else rw.trace(source)
+    twin = rw.trace(plain)
+
+    assert _groups(gm, x) == _groups(twin, x)
+    assert _blocks(gm) == _blocks(twin)
+    for p in PASSES:
+        if front == "pt2" and name == "view_flatten" and p[0] == "synflow":
+            continue  # the program fixes x.size(0) to the export batch; SynFlow feeds a batch of 1
+        got, expected = rw.rewrite(source, [p], x), rw.rewrite(plain, [p], x)
+        assert _fired(got) == _fired(expected), p
+        assert _fired(expected)[0] > 0, p
+
+
+@pytest.mark.parametrize("front", ["trace", "pt2"])
+@pytest.mark.parametrize("name", ["fused_norm_act", "functional", "inplace"])
+def test_slim_is_exact_on_idioms(name: str, front: str, tmp_path: Path) -> None:
+    model, _ = _source(name)
+    x = idioms.inputs()
+    source = _front(model, front, x, tmp_path)
+    gm = source if isinstance(source, fx.GraphModule) else rw.trace(source)
+    analysis = channel_groups(gm, (x,))
+    drops = {g.id: range(g.size // 2) for g in analysis.prunable()}
+    assert drops
+    rw.mask_channels(gm, analysis, drops)
+    slim = rw.slim(gm, (x,))
+    gm.eval()
+    slim.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in gm.parameters())
+
+
+# -- deep nets: the numeric check and SynFlow ---------------------------------------------------
+
+
+def _deep_mlp() -> nn.Module:
+    """30 linear layers whose absolute-valued all-ones signal overflows float32."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(30):
+        linear = nn.Linear(64, 64)
+        with torch.no_grad():
+            linear.weight.uniform_(-1, 1)
+        layers += [linear, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+def test_synflow_scores_in_float64_and_masks_in_the_model_dtype() -> None:
+    from rewriter.passes.masks import get_masks
+
+    model = _deep_mlp()
+    with torch.no_grad():  # the signal SynFlow propagates, in float32: it overflows
+        h = torch.ones(1, 64)
+        for m in model:
+            if isinstance(m, nn.Linear):
+                h = h @ m.weight.abs().T + m.bias.abs()
+    assert not torch.isfinite(h).all()
+    net = rw.rewrite(model, [("synflow", {"density": 0.5, "iterations": 5})], torch.randn(2, 64))
+    masks = get_masks(net)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * total)
+    assert {m.dtype for m in masks.values()} == {torch.float32}
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+
+
+R50_INPUT = (2, 3, 224, 224)
+
+
+@pytest.mark.slow
+def test_rbn_preserve_on_a_resnet50_sized_net_passes_the_default_checks() -> None:
+    model = idioms.resnet50()
+    x = torch.randn(R50_INPUT, generator=torch.Generator().manual_seed(0))
+    net = rw.rewrite(model, ["rbn"], x)
+    assert _fired(net) == [53]
+    with torch.no_grad():
+        assert model(x).abs().max() > 20  # logits of a trained net's magnitude
+
+
+@pytest.mark.slow
+def test_synflow_prunes_a_resnet50_sized_net_in_float32() -> None:
+    from rewriter.passes.masks import get_masks
+
+    model = idioms.resnet50()
+    x = torch.randn(1, *R50_INPUT[1:], generator=torch.Generator().manual_seed(0))
+    net = rw.rewrite(model, [("synflow", {"density": 0.1, "iterations": 1})], x)
+    masks = get_masks(net)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * total)
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+
+
+_ = (F, operator)
