@@ -229,10 +229,12 @@ def _dataclasses() -> dict[str, type]:
     from .registry import Pass
 
     return _scan(
-        lambda c: dataclasses.is_dataclass(c)
-        and c.__module__.startswith("rewriter.")
-        and not issubclass(c, Pass)
-        and not hasattr(c, "__post_init__")
+        lambda c: (
+            dataclasses.is_dataclass(c)
+            and c.__module__.startswith("rewriter.")
+            and not issubclass(c, Pass)
+            and not hasattr(c, "__post_init__")
+        )
     )
 
 
@@ -698,7 +700,8 @@ class _Builder:
             )
             if spec is not None and not spec["flag"]:
                 module._non_persistent_buffers_set.add(name)
-        for name, value in _table(entry.get("attrs"), "attrs", where).items():
+        attrs = _table(entry.get("attrs"), "attrs", where)
+        for name, value in attrs.items():
             self.check_attribute(module, name, internals, where)
             module.__dict__[name] = self.decode(value)
         training = entry.get("training")
@@ -711,8 +714,11 @@ class _Builder:
         for item in children:
             if not (isinstance(item, list) and len(item) == 2 and _name_ok(item[0])):
                 raise ArtifactError(f"malformed child entry of {where}")
-            if item[0] in module._parameters or item[0] in module._buffers:
-                raise ArtifactError(f"child {item[0]!r} of {where} clashes with a tensor")
+            if item[0] in module._parameters or item[0] in module._buffers or item[0] in attrs:
+                raise ArtifactError(
+                    f"child {item[0]!r} of {where} clashes with a tensor or attribute"
+                )
+            module.__dict__.pop(item[0], None)  # a plain value the constructor put there
             child = None if item[1] is None else self.module(item[1], prefix + item[0], depth + 1)
             module._modules[item[0]] = child
         if isinstance(module, fx.GraphModule):

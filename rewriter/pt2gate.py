@@ -102,6 +102,9 @@ _OPERATOR = frozenset(
         "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "abs",
     }
 )  # fmt: skip
+_DUNDER_OPS = frozenset(
+    f"__{i}{name}__" for name in ("and", "or", "xor", "lshift", "rshift") for i in ("", "i")
+)  # aten operators named like Python's bitwise dunders
 _MATH = frozenset({"ceil", "floor", "sqrt", "trunc", "isnan"})
 _TORCH_SYM = frozenset(
     {"sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "sym_sum"}
@@ -479,6 +482,8 @@ def target_problem(target: str) -> str | None:
     parts = target.split(".")
     if not all(re.fullmatch(r"[A-Za-z_]\w*", p) for p in parts):
         return "not a dotted name"
+    if parts[:2] == ["torch", "ops"] and len(parts) in (4, 5) and parts[3] in _DUNDER_OPS:
+        parts = [*parts[:3], "op", *parts[4:]]  # aten's bitwise operators (__and__, ...)
     if any(p.startswith("__") for p in parts):
         return "a dunder name"
     if parts[:2] == ["torch", "ops"]:

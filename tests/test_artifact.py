@@ -452,6 +452,7 @@ ATTACKS = {  # name: (change, what the error must say)
     "plain dict": (_meta_value({"__reduce__": ["os.system", "touch MARKER"]}), "malformed value"),
     "dunder attribute": (_attr("__class__", "os._wrap_close"), "forbidden attribute '__class__'"),
     "forward override": (_attr("forward", "os.system"), "overrides Module.forward"),
+    "child shadowed": (_attr("0", 1), "clashes with a tensor or attribute"),
     "hooks override": (_attr("_forward_hooks", {"$": "dict", "v": []}), "forbidden attribute"),
     "config payload": (
         _config({"$": "dict", "v": [["in_features", {"$": "fn", "v": "os.system"}]]}),

@@ -852,3 +852,23 @@ def test_a_typed_factory_finds_the_working_directory_only_while_it_is_imported(
     # an artifact or a zoo model never searches it
     refused(run("inspect", "zoo:cwd_models"), None, "not a zoo model")
     sys.modules.pop("cwd_models", None)
+
+
+@pytest.mark.parametrize(
+    ("target", "ok"),
+    [
+        ("torch.ops.aten.conv2d.default", True),
+        ("torch.ops.aten.__and__.Tensor", True),  # Hugging Face attention masks
+        ("torch.ops.higher_order.wrap_with_set_grad_enabled", True),
+        ("_operator.getitem", True),
+        ("torch.sym_max", True),
+        ("torch.load", False),
+        ("torch.ops.load_library", False),
+        ("torch.ops.aten.__class__.x", False),
+        ("torch.ops.aten.__and__.__call__", False),
+        ("builtins.eval", False),
+        ("_operator.attrgetter", False),
+    ],
+)
+def test_node_target_allow_list(target: str, ok: bool) -> None:
+    assert (pt2gate.target_problem(target) is None) is ok

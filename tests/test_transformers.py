@@ -425,3 +425,23 @@ def test_rewritten_bert_compiles_with_inductor_and_matches_eager() -> None:
     compiled = torch.compile(net, fullgraph=True)
     with torch.no_grad():
         assert close(compiled(**kwargs), net(**kwargs)) < 1e-4
+
+
+@pytest.mark.slow
+def test_char_decoder_example_runs_and_prunes_half(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "examples" / "char_decoder.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--steps", "20", "--finetune", "5"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "query heads per layer [2, 2], kv heads [1, 1]" in out and "MLP [64, 64]" in out
+    rows = {line[:20].strip(): line[20:].split() for line in out.splitlines()[-3:]}
+    assert set(rows) == {"dense", "pruned", "pruned + fine-tuned"}
+    dense_params, small_params = (int(rows[k][1].replace(",", "")) for k in ("dense", "pruned"))
+    assert small_params < 0.6 * dense_params
+    assert rows["pruned"][1:] == rows["pruned + fine-tuned"][1:]  # fine-tuning keeps the shape
