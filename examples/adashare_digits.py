@@ -2,7 +2,7 @@
 
 Two tasks share one ResNet trunk (the zoo's ``multitask_resnet`` for 1x8x8 images):
 the 10-way digit class and the digit's parity. The ``skip_gates`` pass gives each
-task its own select/skip logits per residual block. Schedule (``PAPERS.md`` section 4):
+task its own select/skip logits per residual block. Schedule (``docs/methods/adashare.md``):
 
 1. warm-up: the full network (every block forced to select) on both tasks;
 2. search: alternate one epoch of weight updates (weight split of the training set)
@@ -30,14 +30,13 @@ Run: python examples/adashare_digits.py [--rounds 18] [--seed 0] [--plot out/ada
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from summary import Summary, parser, progress
 from torch import Tensor, fx, nn
 
 import rewriter as rw
@@ -54,23 +53,15 @@ def targets(y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Progress:
-    """A one-line progress bar on stderr (``\\r``), no dependency."""
+    """A ``tqdm`` bar (examples/summary.py) advanced by hand, with a status text."""
 
     def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.done, self.start = total, label, 0, time.perf_counter()
+        self.bar = progress(range(total), label)
 
     def step(self, info: str = "") -> None:
-        self.done += 1
-        width = 30
-        filled = width * self.done // self.total
-        bar = "#" * filled + "." * (width - filled)
-        seconds = time.perf_counter() - self.start
-        sys.stderr.write(
-            f"\r{self.label:<10} [{bar}] {self.done}/{self.total} {seconds:5.1f}s {info:<40}"
-        )
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        if info:
+            self.bar.set_postfix_str(info)  # type: ignore[attr-defined]
+        self.bar.update(1)  # type: ignore[attr-defined]
 
 
 def batches(n: int, size: int, gen: torch.Generator) -> list[Tensor]:
@@ -151,7 +142,7 @@ def plot_policy(gm: fx.GraphModule, policy: Tensor, path: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--depth", type=int, default=14, help="ResNet depth 6n+2 (14: 6 blocks)")
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=8, help="warm-up epochs (all blocks)")
@@ -166,6 +157,7 @@ def main() -> None:
         "--plot", default="out/adashare_digits_policy.png", help="where to save the plot"
     )
     args = ap.parse_args()
+    summary = Summary("adashare_digits", ap, args)
     torch.set_num_threads(1)  # tiny convs: one thread is fastest and deterministic
     start = time.perf_counter()
 
@@ -261,24 +253,26 @@ def main() -> None:
     example = (x_te[:1],)
     base_macs = flops(base, example).total_macs
     names = [b.removeprefix("backbone.") for b in skip.skip_policy(gm).blocks]
-    print(f"\nlearned policy (argmax, 1 = select) over blocks {' '.join(names)}")
-    print(
+    print()
+    summary.print(f"learned policy (argmax, 1 = select) over blocks {' '.join(names)}")
+    summary.print(
         f"{'task':<8} {'policy':<8} {'blocks':>6} {'MACs/image':>16} "
         f"{'acc frozen':>10} {'acc baseline':>12} {'change':>7} {'acc before freeze':>17}"
     )
     for t, name in enumerate(TASKS):
         row = "".join("1" if s else "0" for s in policy[t].tolist())
         macs = flops(frozen[t], example).total_macs
-        print(
+        summary.print(
             f"{name:<8} {row:<8} {int(policy[t].sum()):>4}/{blocks} {macs:>9,} ({macs / base_macs:>4.0%}) "
             f"{frozen_acc[t]:>9.2f}% {base_acc[t]:>11.2f}% {frozen_acc[t] - base_acc[t]:>+7.2f} "
             f"{search_acc[t]:>16.2f}%"
         )
+    summary.print(f"baseline: every block for both tasks, {base_macs:,} MACs/image.")
     print(
-        f"baseline: every block for both tasks, {base_macs:,} MACs/image. 'acc before freeze': the "
-        "gated network in eval mode with the hard policy, before retraining (its BN statistics "
-        "were collected under soft Gumbel policies)."
+        "'acc before freeze': the gated network in eval mode with the hard policy, before "
+        "retraining (its BN statistics were collected under soft Gumbel policies)."
     )
+    summary.save()
     print(plot_policy(gm, policy, args.plot))
     print(f"total time {time.perf_counter() - start:.0f}s")
 

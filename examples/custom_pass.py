@@ -1,6 +1,6 @@
 """A user-defined pass in 25 lines: a learnable per-channel scale after every BatchNorm2d.
 
-Run: python examples/custom_pass.py
+Run: python examples/custom_pass.py (no options; ``--help`` says so)
 """
 
 from dataclasses import dataclass
@@ -43,6 +43,9 @@ class ScaleAfterBN(rw.Pass):
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help works
     model = zoo.create("resnet8")
     net = rw.rewrite(model, ["masks", "scale_after_bn"])
     print(rw.report(net).table())

@@ -1,6 +1,6 @@
 """Knowledge Evolution on scikit-learn's digits: the slim fit network catches up with the dense one.
 
-The KE paper (PAPERS.md section 1) trains one network for several generations on a
+The KE paper (``docs/methods/ke.md``) trains one network for several generations on a
 small dataset. Between generations the reset hypothesis is re-drawn and the fit
 hypothesis kept; with KELS the fit hypothesis is a physically smaller "slim" network.
 Its central observation: at generation 1 the slim network is near chance, and over the
@@ -26,14 +26,13 @@ Run: python examples/ke_digits.py [--seeds 3] [--generations 10] [--epochs 30]
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from summary import Summary, parser, progress
 from torch import Tensor, fx
 
 from rewriter import zoo
@@ -71,20 +70,6 @@ def accuracy(gm: torch.nn.Module, x: Tensor, y: Tensor) -> float:
         return (gm(x).argmax(1) == y).float().mean().item() * 100
 
 
-def progress(done: int, total: int, start: float, what: str) -> None:
-    width = 30
-    filled = width * done // total
-    elapsed = time.perf_counter() - start
-    eta = elapsed / done * (total - done) if done else 0.0
-    bar = "#" * filled + "." * (width - filled)
-    sys.stderr.write(
-        f"\r[{bar}] {done}/{total} generations  {elapsed:5.0f}s  eta {eta:4.0f}s  {what}"
-    )
-    sys.stderr.flush()
-    if done == total:
-        sys.stderr.write("\n")
-
-
 def mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):6.2f} +- {spread:5.2f}"
@@ -116,7 +101,7 @@ def plot(curves: dict[str, list[list[float]]], path: str, title: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--generations", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=30, help="epochs per generation")
@@ -126,6 +111,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--plot", default="out/ke_digits.png", help="where to save the plot")
     args = ap.parse_args()
+    summary = Summary("ke_digits", ap, args)
     torch.set_num_threads(1)  # tiny convs: one thread is fastest and deterministic
 
     hypotheses = ("dense", "fit", "reset")
@@ -133,6 +119,7 @@ def main() -> None:
     extracted: list[float] = []
     sizes: dict[str, tuple[int, int]] = {}
     start, total = time.perf_counter(), args.seeds * args.generations
+    bar = progress(range(total), "generations")  # a tqdm, advanced in tick()
     for seed in range(args.seeds):
         data = digits(train_per_class=args.per_class, seed=seed)
         x_tr, _, x_te, y_te = data
@@ -140,8 +127,8 @@ def main() -> None:
         model = zoo.create("digits_cnn", width=args.width)
 
         def tick(g: Generation, seed: int = seed) -> None:
-            done = seed * args.generations + g.index
-            progress(done, total, start, f"seed {seed}: dense {g.dense:5.1f}  slim {g.fit:5.1f}")
+            bar.set_postfix_str(f"seed {seed}: dense {g.dense:5.1f}  slim {g.fit:5.1f}")  # type: ignore[attr-defined]
+            bar.update(1)  # type: ignore[attr-defined]
 
         result = evolve(
             model,
@@ -162,30 +149,32 @@ def main() -> None:
             cost = flops(net, (x_te[:1],))
             sizes[label] = (cost.total_params, cost.total_macs)
 
+    bar.close()  # type: ignore[attr-defined]
     n_train = 10 * args.per_class
-    print(
+    summary.print(
         f"Knowledge Evolution on digits: {n_train} training images ({args.per_class} per class), "
         f"{len(y_te)} test images, digits_cnn width {args.width}, KELS rate {args.rate}, "
         f"{args.epochs} epochs per generation, {args.seeds} seeds"
     )
-    print("test accuracy (%), mean +- std over seeds")
-    print(f"{'generation':>10}  {'dense':>15}  {'slim (fit)':>15}  {'reset alone':>15}")
+    summary.print("test accuracy (%), mean +- std over seeds")
+    summary.print(f"{'generation':>10}  {'dense':>15}  {'slim (fit)':>15}  {'reset alone':>15}")
     for i in range(args.generations):
         cells = [mean_std([run[i] for run in runs[h]]) for h in hypotheses]
-        print(f"{i + 1:>10}  " + "  ".join(f"{c:>15}" for c in cells))
+        summary.print(f"{i + 1:>10}  " + "  ".join(f"{c:>15}" for c in cells))
     dense_last = [run[-1] for run in runs["dense"]]
     fit_last = [run[-1] for run in runs["fit"]]
     gaps = [d - f for d, f in zip(dense_last, fit_last, strict=True)]
-    print(f"dense - slim at the last generation: {mean_std(gaps)} points")
-    print(
+    summary.print(f"dense - slim at the last generation: {mean_std(gaps)} points")
+    summary.print(
         f"dense, last - first generation: {mean_std([r[-1] - r[0] for r in runs['dense']])} points"
     )
-    print(f"extracted slim network (extract_fit), last generation: {mean_std(extracted)}")
+    summary.print(f"extracted slim network (extract_fit), last generation: {mean_std(extracted)}")
     (p_dense, m_dense), (p_slim, m_slim) = sizes["dense"], sizes["slim"]
-    print(
+    summary.print(
         f"slim vs dense: {p_slim:,} vs {p_dense:,} parameters, {m_slim:,} vs {m_dense:,} MACs "
         f"per image ({100 * (1 - m_slim / m_dense):.0f}% fewer operations)"
     )
+    summary.save()
     curves = {"dense": runs["dense"], "slim (fit hypothesis)": runs["fit"]}
     plot(curves, args.plot, f"KE on digits, {args.per_class} images/class, KELS {args.rate}")
     print(f"plot saved to {args.plot}; total time {time.perf_counter() - start:.0f}s")

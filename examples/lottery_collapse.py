@@ -1,6 +1,6 @@
 """Layer collapse on digits: one-shot magnitude, SNIP and GraSP vs iterative SynFlow.
 
-Synaptic-Flow's observation (``PAPERS.md`` section 7): pruning at initialisation with a
+Synaptic-Flow's observation (``docs/methods/lottery.md``): pruning at initialisation with a
 one-shot score removes whole layers (*layer collapse*) at compressions where iterative
 SynFlow (100 rounds, data-free) still keeps every layer connected. This example prunes
 the same freshly initialised network at log-spaced compressions from 10x to 1000x
@@ -20,13 +20,13 @@ Run: python examples/lottery_collapse.py [--model cnn|mlp] [--points 21] [--seed
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import time
 
 import torch
 from plain_cnn import plain_cnn  # examples/plain_cnn.py
+from summary import Summary, parser
 
 import rewriter as rw
 import rewriter.passes.lottery as lt
@@ -38,11 +38,12 @@ METHODS = ("magnitude", "snip", "grasp", "synflow")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
     ap.add_argument("--points", type=int, default=21, help="compressions from 10x to 1000x")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    summary = Summary("lottery_collapse", ap, args)
     torch.set_num_threads(1)
     start = time.perf_counter()
 
@@ -57,8 +58,8 @@ def main() -> None:
     base = rw.rewrite(model, ["masks"], (x_train[:2],))
     sizes = {name: mask.numel() for name, mask in get_masks(base).items()}
     total = sum(sizes.values())
-    print(f"model {args.model}: {total:,} prunable weights in {len(sizes)} layers")
-    print("  " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()))
+    summary.print(f"model {args.model}: {total:,} prunable weights in {len(sizes)} layers")
+    summary.print("  " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()))
 
     one_shot = {
         "magnitude": lt.magnitude_scores(base),
@@ -67,10 +68,10 @@ def main() -> None:
     }
     compressions = [10 ** (1 + 2 * i / (args.points - 1)) for i in range(args.points)]
     collapse: dict[str, tuple[float, list[str]] | None] = dict.fromkeys(METHODS)
-    print("\nweights left in the emptiest layer, % ('N empty': N whole layers emptied)")
+    summary.print("\nweights left in the emptiest layer, % ('N empty': N whole layers emptied)")
     header = f"{'compression':>11}  " + "  ".join(f"{m:>9}" for m in METHODS)
-    print(header)
-    print("-" * len(header))
+    summary.print(header)
+    summary.print("-" * len(header))
     for c in compressions:
         cells = []
         for method in METHODS:
@@ -84,19 +85,22 @@ def main() -> None:
             if empty and collapse[method] is None:
                 collapse[method] = (c, empty)
             cells.append(f"{len(empty)} empty" if empty else f"{100 * min(left.values()):.3f}")
-        print(f"{c:>10.1f}x  " + "  ".join(f"{cell:>9}" for cell in cells))
+        summary.print(f"{c:>10.1f}x  " + "  ".join(f"{cell:>9}" for cell in cells))
 
-    print("\nsmallest compression at which a whole layer is emptied")
-    print(f"{'method':<10}  {'compression':>11}  layers emptied there")
+    summary.print("\nsmallest compression at which a whole layer is emptied")
+    summary.print(f"{'method':<10}  {'compression':>11}  layers emptied there")
     for method in METHODS:
         found = collapse[method]
         if found is None:
-            print(f"{method:<10}  {'none':>11}  (no layer emptied up to {compressions[-1]:.0f}x)")
+            summary.print(
+                f"{method:<10}  {'none':>11}  (no layer emptied up to {compressions[-1]:.0f}x)"
+            )
         else:
             first = (
                 " (the first point: collapse at or below it)" if found[0] == compressions[0] else ""
             )
-            print(f"{method:<10}  {found[0]:>10.1f}x  {', '.join(found[1])}{first}")
+            summary.print(f"{method:<10}  {found[0]:>10.1f}x  {', '.join(found[1])}{first}")
+    summary.save()
     print(f"\n({math.ceil(time.perf_counter() - start)} s)")
 
 

@@ -1,6 +1,6 @@
 """Lottery tickets on digits: iterative magnitude pruning with rewinding vs its controls.
 
-The lottery-ticket hypothesis (``PAPERS.md`` section 7): train, prune 20% of the
+The lottery-ticket hypothesis (``docs/methods/lottery.md``): train, prune 20% of the
 remaining weights (global magnitude), rewind the survivors to their initial values
 (``--rewind-step 0``, the original LTH) and train again, round after round. The sparse
 *ticket* keeps the dense accuracy down to small densities, while the same masks with
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from summary import Summary, parser, progress
 from torch import Tensor, nn
 
 import rewriter as rw
@@ -64,22 +64,16 @@ def make_train(data: Data, epochs: int, seed: int, batch: int, lr: float) -> lt.
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """One ``tqdm`` bar over every training of the run (examples/summary.py)."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.bar = progress(range(total), "trainings")  # a tqdm, advanced by hand below
 
     def wrap(self, train: lt.TrainFn, label: str) -> lt.TrainFn:
         def wrapped(model: nn.Module, run: lt.TrainRun) -> float:
             result = train(model, run)
-            self.done += 1
-            filled = int(30 * self.done / self.total)
-            elapsed = time.perf_counter() - self.start
-            sys.stderr.write(
-                f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                f"trainings, {elapsed:.0f} s ({label}, round {run.round})   "
-            )
-            sys.stderr.flush()
+            self.bar.set_postfix_str(f"{label}, round {run.round}")  # type: ignore[attr-defined]
+            self.bar.update(1)  # type: ignore[attr-defined]
             return result
 
         return wrapped
@@ -136,7 +130,7 @@ def plot(path: str, densities: list[float], table: dict[str, list[list[float]]])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=12, help="pruning rounds (20%% each)")
     ap.add_argument("--epochs", type=int, default=20)
@@ -146,22 +140,23 @@ def main() -> None:
     ap.add_argument("--rewind-step", type=int, default=0, help="k: 0 is the original LTH")
     ap.add_argument("--plot", default="out/lottery_imp.png", help="where to save the plot")
     args = ap.parse_args()
+    summary = Summary("lottery_imp", ap, args)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    progress = Progress(args.seeds * (1 + args.rounds + 2 * (args.rounds // args.control_every)))
-    runs = [run_seed(seed, args, progress) for seed in range(args.seeds)]
-    sys.stderr.write("\n")
+    bar = Progress(args.seeds * (1 + args.rounds + 2 * (args.rounds // args.control_every)))
+    runs = [run_seed(seed, args, bar) for seed in range(args.seeds)]
+    bar.bar.close()  # type: ignore[attr-defined]
 
     rounds = range(args.rounds + 1)
     densities = [runs[0]["ticket"][r][0] for r in rounds]
     table = {v: [[run[v][r][1] for run in runs if r in run[v]] for r in rounds] for v in VARIANTS}
-    print(
+    summary.print(
         f"IMP on digits, MLP 64-300-100-10, {args.epochs} epochs per round, "
         f"rewind to step {args.rewind_step}, {args.seeds} seeds: test accuracy % (mean +- std)"
     )
     header = f"{'round':>5}  {'weights left':>12}  " + "  ".join(f"{v:>14}" for v in VARIANTS)
-    print(header)
-    print("-" * len(header))
+    summary.print(header)
+    summary.print("-" * len(header))
     for r in rounds:
         cells = []
         for variant in VARIANTS:
@@ -171,7 +166,8 @@ def main() -> None:
                 continue
             spread = statistics.stdev(row) if len(row) > 1 else 0.0
             cells.append(f"{statistics.mean(row):>7.2f} +- {spread:4.2f}")
-        print(f"{r:>5}  {100 * densities[r]:>11.2f}%  " + "  ".join(cells))
+        summary.print(f"{r:>5}  {100 * densities[r]:>11.2f}%  " + "  ".join(cells))
+    summary.save()
     print(plot(args.plot, densities, table))
     print(f"({time.perf_counter() - start:.0f} s)")
 

@@ -14,23 +14,23 @@ Run: python examples/rbn_digits.py [--seeds 5] [--epochs 20] [--per-class 30]
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 import torch.nn.functional as F
+from summary import Summary, parser, progress
 
 import rewriter as rw
 from rewriter import zoo
 from rewriter.datasets import digits
 
 
-def train_and_test(net, data, epochs: int, seed: int) -> float:
+def train_and_test(net, data, epochs: int, seed: int, label: str) -> float:
     x_tr, y_tr, x_te, y_te = data
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for _ in progress(range(epochs), f"{label} seed {seed} (epochs)"):
         net.train()
         for idx in torch.randperm(len(x_tr), generator=gen).split(32):
             opt.zero_grad()
@@ -43,11 +43,12 @@ def train_and_test(net, data, epochs: int, seed: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--per-class", type=int, default=30, help="training images per digit")
     args = ap.parse_args()
+    summary = Summary("rbn_digits", ap, args)
     torch.set_num_threads(1)  # tiny convs: one thread is fastest and deterministic
     results: dict[str, list[float]] = {"BN": [], "RBN (paper init)": []}
     print(f"digits, {args.per_class} training images per class, {args.epochs} epochs")
@@ -57,13 +58,19 @@ def main() -> None:
         torch.manual_seed(seed)
         base = zoo.create("digits_cnn")
         rbn = rw.rewrite(base, [("rbn", {"init": "paper"})], (data[0][:2],))
-        accs = [train_and_test(base, data, args.epochs, seed), train_and_test(rbn, data, args.epochs, seed)]
+        accs = [
+            train_and_test(base, data, args.epochs, seed, "BN"),
+            train_and_test(rbn, data, args.epochs, seed, "RBN"),
+        ]
         for key, acc in zip(results, accs, strict=True):
             results[key].append(acc)
         print(f"{seed:>4}  {accs[0]:7.2f}  {accs[1]:7.2f}")
     for key, accs in results.items():
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{key:<17} test accuracy {statistics.mean(accs):6.2f} +- {spread:.2f} (n={len(accs)})")
+        summary.print(
+            f"{key:<17} test accuracy {statistics.mean(accs):6.2f} +- {spread:.2f} (n={len(accs)})"
+        )
+    summary.save()
 
 
 if __name__ == "__main__":
