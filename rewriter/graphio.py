@@ -36,7 +36,9 @@ Tied tensors (one ``Parameter`` at two paths) stay tied.
 ``operator`` (except ``call``, ``attrgetter``, ``methodcaller``), ``builtins.getattr``
 with a public attribute name, ``torch`` tensor functions (the ATen functions and
 ``torch.functional``; never ``torch.load``, ``torch.save``, ``torch.from_file``),
-``torch.nn.functional``, ``torch.ops.aten.*`` overloads and ``torch._assert``.
+``torch.nn.functional``, public ``torch.Tensor`` methods called as functions,
+``torch.ops.aten.*`` overloads and ``torch._assert``. (No library function is on the
+list: no pass inserts one; a pass that does must add it to :func:`_functions`.)
 ``call_method`` targets: public methods of ``torch.Tensor``. Module classes: those
 above, looked up among modules already imported (``rewriter.passes`` and
 ``rewriter.zoo`` are imported first), never by importing the name in the file.
@@ -136,6 +138,9 @@ def _functions() -> tuple[dict[str, Callable[..., Any]], dict[int, str]]:
         for name in torch.functional.__all__:
             table[f"torch.{name}"] = getattr(torch, name)
         table["torch._assert"] = torch._assert
+        for name in dir(torch.Tensor):  # torch.Tensor.add(x, y) as a function
+            if _public(name) and callable(getattr(torch.Tensor, name)):
+                table[f"torch.Tensor.{name}"] = getattr(torch.Tensor, name)
         for name in dir(F):
             obj = getattr(F, name)
             if _public(name) and callable(obj) and not isinstance(obj, type):
