@@ -143,6 +143,7 @@ def test_hinton_defaults_are_alpha_09_temperature_4() -> None:
     assert total(gm, s, y).item() == pytest.approx(ref_hinton(s, t, y, 0.9, 4.0), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides")
 def test_tf_self_uses_the_authors_reduction_and_multiplier() -> None:
     gm, s, t, y = distilled("tf_self")
     d = distiller(gm)
@@ -159,6 +160,7 @@ def test_tf_self_uses_the_authors_reduction_and_multiplier() -> None:
     )
 
 
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides")
 def test_tf_reg_matches_the_authors_loop() -> None:
     gm, s, _, y = distilled("tf_reg", alpha=0.3, temperature=20.0, multiplier=2.0, reduction="mean")
     # the authors' construction, row by row
