@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -219,6 +220,8 @@ def early_bird_ticket(
     gm: fx.GraphModule,
     example_inputs: Sequence[Tensor],
     bn_masks: Mapping[str, Tensor],
+    *,
+    analysis: Any = None,
 ) -> nn.Module:
     """The physically smaller ticket: :func:`rewriter.slim.slim` with the BN masks.
 
@@ -226,8 +229,10 @@ def early_bird_ticket(
     ``slim`` removes a channel from its whole channel group (e.g. the convs joined by
     residual adds) only when no member asks to keep it, so it keeps the union of the
     members' channels. ``gm`` itself is not changed. The slim report is
-    ``ticket.meta["rewriter_slim"]``.
+    ``ticket.meta["rewriter_slim"]``. ``analysis``: ``channel_groups(gm, ...)`` when the
+    caller has it, reused by ``slim`` instead of analysing ``gm`` again.
     """
     from rewriter.slim import slim  # the channel-structure layer; imported when needed
 
-    return slim(gm, tuple(example_inputs), channel_masks=channel_masks_for_slim(gm, bn_masks))
+    masks = channel_masks_for_slim(gm, bn_masks)
+    return slim(gm, tuple(example_inputs), channel_masks=masks, analysis=analysis)

@@ -580,7 +580,10 @@ def reinitialize(gm: nn.Module, generator: torch.Generator | None = None) -> int
 
 
 def extract_fit(
-    gm: fx.GraphModule, example_inputs: Sequence[Tensor] | Tensor | None = None
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Tensor] | Tensor | None = None,
+    *,
+    analysis: Any = None,
 ) -> fx.GraphModule:
     """The fit hypothesis of a KELS-split model as a physically smaller network (no fine-tuning).
 
@@ -589,6 +592,8 @@ def extract_fit(
     members of each channel group are cut along. The result is an ordinary GraphModule of
     plain (or ``masks``-masked) layers, with ``gm``'s training flags; in eval mode its
     outputs equal ``gm``'s under ``set_hypothesis(gm, "fit")``. ``gm`` is not modified.
+    ``analysis``: ``channel_groups(gm, ...)`` when the caller has it (it stays valid for the
+    unsplit copy that is slimmed), reused by ``slim`` instead of a new analysis.
 
     Why the two agree (up to floating-point summation order): a KELS mask is fit rows x
     fit columns of channel groups, so no fit output reads a reset channel through a conv
@@ -630,7 +635,7 @@ def extract_fit(
     for m in split_layers(work).values():
         _unsplit(m)
     rows = {name: mask.flatten(1).any(1) for name, mask in masks.items()}
-    result = slim(work, inputs, channel_masks=rows)
+    result = slim(work, inputs, channel_masks=rows, analysis=analysis)
     for name, mask in masks.items():
         got = result.get_submodule(name).weight.detach()
         if mask.sum() != got.numel() or not torch.equal(

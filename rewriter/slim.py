@@ -125,6 +125,9 @@ def slim(
     gm: nn.Module,
     example_inputs: Sequence[Tensor] | Tensor,
     channel_masks: Mapping[str, Tensor] | None = None,
+    *,
+    analysis: ChannelAnalysis | None = None,
+    round_to: int | None = None,
 ) -> fx.GraphModule:
     """A physically smaller copy of ``gm`` without its removed channels (see module docs).
 
@@ -132,17 +135,43 @@ def slim(
     ``example_inputs`` drive the channel analysis and a final check that the slim model
     runs. Returns an ordinary ``fx.GraphModule`` that trains and compiles; its report is
     ``result.meta["rewriter_slim"]``.
+
+    ``analysis``: the result of ``channel_groups(gm, ...)`` when the caller has it, so that
+    it is not computed again. It must belong to ``gm``'s graph (same nodes, same layer
+    shapes; weights may have changed, e.g. zeroed by :func:`mask_channels`): a stale or
+    foreign analysis raises :class:`~rewriter.errors.RewriterError`.
+
+    ``round_to``: keep the number of channels of every group a multiple of ``round_to``
+    (rounded up, never above the group's size) by keeping back removed channels, the
+    lowest group channel indices first (deterministic). Kernels often run faster on widths
+    that are multiples of 8; see ``bench/RESULTS.md`` for what it measured here. Channels
+    kept back this way are not zero in general: the result then keeps more than the
+    masks asked for (counted in the report's notes), and no longer equals the masked model.
     """
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+    ):
+        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
     if not isinstance(gm, fx.GraphModule):
         gm = trace(gm)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    analysis = channel_groups(gm, inputs)
+    if analysis is None:
+        analysis = channel_groups(gm, inputs)
+    elif not isinstance(analysis, ChannelAnalysis):
+        raise TypeError(
+            f"slim(analysis=...) expects a ChannelAnalysis from channel_groups(), "
+            f"got {type(analysis).__name__}"
+        )
+    else:
+        analysis.check_graph(gm, "the analysis given to slim()")
     if channel_masks is not None:
         report = _decide_from_masks(gm, analysis, channel_masks)
     else:
         report = _decide_from_zeros(gm, analysis)
     drops = {g.group: set(g_drop) for g, g_drop in report}
     _keep_pieces_nonempty(analysis, drops, {g.group: g for g, _ in report})
+    if round_to is not None and round_to > 1:
+        _round_kept(drops, {g.group: g for g, _ in report}, round_to)
     result = copy.deepcopy(gm)
     modes = {name: m.training for name, m in gm.named_modules()}
     for name, m in result.named_modules():
@@ -361,6 +390,23 @@ def _keep_pieces_nonempty(
             report[gid].notes.append(
                 f"channel {ch} kept so that {record.kind} {record.node!r} keeps a channel"
             )
+
+
+def _round_kept(drops: dict[int, set[int]], report: dict[int, GroupSlim], multiple: int) -> None:
+    """Keep back the lowest dropped channels until each group keeps a multiple of ``multiple``."""
+    for gid, dropped in drops.items():
+        g = report[gid]
+        kept = g.size - len(dropped)
+        if not dropped or kept % multiple == 0:
+            continue
+        target = min(g.size, -(-kept // multiple) * multiple)
+        back = sorted(dropped)[: target - kept]
+        dropped.difference_update(back)
+        g.removed -= len(back)
+        g.notes.append(
+            f"{len(back)} removed channel(s) kept back to keep {target} (a multiple of "
+            f"{multiple} or the whole group)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -376,3 +377,111 @@ def test_slimmed_model_trains_under_compile_fullgraph() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --------------------------------------------------------------------------------------------
+# Reusing the caller's analysis
+# --------------------------------------------------------------------------------------------
+
+
+def same_modules(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rm=random_models(), rng=st.randoms(use_true_random=False))
+def test_slim_with_the_callers_analysis_equals_slim_without(rm, rng: random.Random) -> None:
+    gm = rw.trace(rm.model)
+    a = channel_groups(gm, rm.example_inputs)
+    drops = choose_drops(a, rng)
+    masked = mask_channels(copy.deepcopy(gm), a, drops)  # new weights, same graph: still valid
+    for model, masks in ((gm, group_masks(a, drops)), (masked, None)):
+        fresh = slim(model, rm.example_inputs, masks)
+        reused = slim(model, rm.example_inputs, masks, analysis=a)
+        same_modules(fresh, reused)
+        assert reused.meta[SLIM_KEY].removed == fresh.meta[SLIM_KEY].removed
+
+
+def test_slim_does_not_analyse_again_when_given_the_analysis(monkeypatch) -> None:
+    gm, x = conv_bn()
+    a = channel_groups(gm, x)
+    keep = {"conv": torch.tensor([True, False, True, False])}
+    expected = slim(gm, x, keep)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("channel_groups called again")
+
+    monkeypatch.setattr(sys.modules["rewriter.slim"], "channel_groups", fail)
+    same_modules(slim(gm, x, keep, analysis=a), expected)
+    with pytest.raises(AssertionError, match="called again"):
+        slim(gm, x, keep)
+
+
+def test_a_stale_or_foreign_analysis_is_refused() -> None:
+    gm, x = conv_bn()
+    a = channel_groups(gm, x)
+    with pytest.raises(rw.RewriterError, match="does not belong to this graph"):
+        slim(rw.trace(zoo.create("resnet8")), zoo.example_inputs("resnet8"), analysis=a)
+    rbn = rw.rewrite(gm, ["rbn"], x)  # BN -> RBN: more per-channel parameters to cut
+    with pytest.raises(rw.RewriterError, match="does not belong to this graph"):
+        slim(rbn, x, analysis=a)
+    slim(rbn, x, analysis=channel_groups(rbn, x))  # its own analysis is fine
+    wider = copy.deepcopy(gm)
+    wider.conv = nn.Conv2d(3, 4, 5, padding=2, bias=False)  # same graph, another layer shape
+    with pytest.raises(rw.RewriterError, match="layer shapes changed"):
+        slim(wider, x, analysis=a)
+    masked = rw.rewrite(gm, ["masks"], x)  # masked twins keep the channel structure
+    slim(masked, x, analysis=a)
+    with pytest.raises(rw.RewriterError, match="no graph fingerprint"):
+        slim(gm, x, analysis=ChannelAnalysis(a.groups, a.layers, a.slices))
+    with pytest.raises(TypeError, match="ChannelAnalysis"):
+        slim(gm, x, analysis=a.groups)
+
+
+def test_early_bird_and_extract_fit_pass_their_analysis_on() -> None:
+    from rewriter.passes.lottery_early_bird import early_bird_ticket
+    from rewriter.passes.split import extract_fit
+
+    gm, x = conv_bn()
+    a = channel_groups(gm, x)
+    keep = {"bn": torch.tensor([True, False, True, True])}
+    same_modules(early_bird_ticket(gm, x, keep, analysis=a), early_bird_ticket(gm, x, keep))
+    foreign = ChannelAnalysis(a.groups, a.layers, a.slices, fingerprint="0" * 40)
+    with pytest.raises(rw.RewriterError, match="does not belong"):
+        early_bird_ticket(gm, x, keep, analysis=foreign)
+
+    torch.manual_seed(0)
+    inputs = zoo.example_inputs("resnet8")
+    split = rw.rewrite(zoo.create("resnet8"), [("split", {"rate": 0.5})], inputs)
+    fit = extract_fit(split, inputs, analysis=channel_groups(split, inputs))
+    same_modules(fit, extract_fit(split, inputs))
+    with pytest.raises(rw.RewriterError, match="does not belong"):
+        extract_fit(split, inputs, analysis=foreign)
+
+
+def test_round_to_keeps_multiples_of_8_with_the_lowest_removed_channels_back() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 6, 1))
+    gm = rw.trace(model.eval())
+    x = (torch.randn(2, 3, 6, 6),)
+    keep = torch.zeros(32, dtype=torch.bool)
+    keep[[3, 9, 17, 30, 31]] = True  # 5 channels
+    plain = slim(gm, x, {"0": keep})
+    assert plain.get_submodule("0").out_channels == 5
+    rounded = slim(gm, x, {"0": keep}, round_to=8)
+    assert rounded.get_submodule("0").out_channels == 8
+    assert rounded.get_submodule("1").num_features == 8
+    assert rounded.get_submodule("3").in_channels == 8
+    kept = [0, 1, 2, 3, 9, 17, 30, 31]  # the 3 lowest removed channels came back
+    torch.testing.assert_close(
+        rounded.get_submodule("0").weight, gm.get_submodule("0").weight[kept]
+    )
+    report = rounded.meta[SLIM_KEY]
+    assert report.removed == 24 and "kept back" in report.table()
+    assert slim(gm, x, {"0": keep}, round_to=1).get_submodule("0").out_channels == 5
+    assert slim(gm, x, {"0": keep}, round_to=64).get_submodule("0").out_channels == 32  # whole
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="round_to"):
+            slim(gm, x, {"0": keep}, round_to=bad)

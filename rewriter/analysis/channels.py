@@ -42,18 +42,20 @@ one group and a DenseNet concat is one group per chunk.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import fx
 
 from ..errors import RewriterError
 from ..manager import _propagate_shapes
 from ..tracing import opaque_modules
-from .coupling import Coupler, LayerRecord, Role
+from .coupling import Atoms, Coupler, LayerRecord, Partition, Role, as_atoms, fetch_attr
 from .rules_channels import lookup
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "LayerInfo",
     "Member",
     "channel_groups",
+    "graph_fingerprint",
 ]
 
 _ROLE_RANK = {"out": 0, "param": 1, "in": 2}
@@ -191,6 +194,7 @@ class ChannelAnalysis:
     groups: list[ChannelGroup]
     layers: dict[str, LayerInfo]
     slices: list[ChannelSlice]
+    fingerprint: str = field(default="", compare=False)
     _index: dict[tuple[str, str], list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -237,6 +241,24 @@ class ChannelAnalysis:
             raise RewriterError(f"internal error: {layer!r} {role} has unmapped channels")
         return out  # type: ignore[return-value]
 
+    def check_graph(self, gm: fx.GraphModule, what: str = "this analysis") -> None:
+        """Raise :class:`RewriterError` unless the analysis was computed on ``gm``'s graph.
+
+        Compares :func:`graph_fingerprint` (the graph's nodes and the parameter shapes of
+        the modules and attributes it uses) with the one recorded by :func:`channel_groups`.
+        """
+        if not self.fingerprint:
+            raise RewriterError(
+                f"{what} carries no graph fingerprint (it was not made by channel_groups()); "
+                "compute it with channel_groups(gm, example_inputs)"
+            )
+        if graph_fingerprint(gm) != self.fingerprint:
+            raise RewriterError(
+                f"{what} does not belong to this graph: the graph or its layer shapes changed "
+                "since it was computed (or it is another model's); recompute it with "
+                "channel_groups(gm, example_inputs)"
+            )
+
     def prunable(self) -> list[ChannelGroup]:
         """The groups whose channels may be removed."""
         return [g for g in self.groups if g.prunable]
@@ -273,7 +295,44 @@ def channel_groups(
         )
     coupler = Coupler(gm, lookup, opaque_modules(gm))
     coupler.run()
-    return _build(coupler)
+    analysis = _build(coupler)
+    analysis.fingerprint = graph_fingerprint(gm)
+    return analysis
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """A digest of what the channel analysis of ``gm`` depends on besides the input shapes.
+
+    Every node (name, op, target, arguments) and the shapes of the parameters of every
+    module and attribute the graph uses. Parameter values, buffers and module classes that
+    keep a layer's channel structure (a split or masked twin of a layer) do not count.
+    """
+    digest = hashlib.sha1()
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{n.name}")
+        digest.update(f"{node.name}|{node.op}|{_target_name(node.target)}|{args!r}\n".encode())
+        if node.op in ("call_module", "get_attr"):
+            used.add(str(node.target))
+    for target in sorted(used):
+        try:
+            obj = gm.get_submodule(target) if target else gm
+            shapes = [(n, tuple(p.shape)) for n, p in obj.named_parameters(recurse=True)]
+        except AttributeError:
+            try:
+                value = fetch_attr(gm, target)
+            except AttributeError:
+                value = None
+            shapes = [("", tuple(value.shape))] if isinstance(value, torch.Tensor) else []
+        digest.update(f"{target}:{shapes!r}\n".encode())
+    return digest.hexdigest()
+
+
+def _target_name(target: object) -> str:
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", None) or ""
+    return f"{module}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,54 +352,74 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 
 
 def _build(c: Coupler) -> ChannelAnalysis:
-    find = c.uf
+    """Groups from the coupler's classes.
+
+    Works class by class of the partition (pieces joined position by position), not atom
+    by atom: every run of a member, block or mark is first cut to whole pieces, so all
+    positions of a class share the same members (at indices ``start + i * span``), reasons
+    and marks. The result is the same as building it channel by channel.
+    """
+    part = c.part
     order = {name: rec.order for name, rec in c.layers.items()}
+    for atoms in c.members.values():
+        part.cut_runs(atoms)
+    for atoms, _ in (*c.blocks, *c.nonzero):
+        part.cut_runs(atoms)
+    for s in c.slices:
+        part.cut_runs(as_atoms(s.atoms))
 
-    # class root -> {(layer, role): [indices]}
-    classes: dict[int, dict[tuple[str, str], list[int]]] = defaultdict(dict)
+    # class root -> {(layer, role): [(index of position 0, span)]}
+    classes: dict[int, dict[tuple[str, str], list[tuple[int, int]]]] = defaultdict(dict)
     for (layer, role), atoms in c.members.items():
-        for index, atom in enumerate(atoms):
-            classes[find[atom]].setdefault((layer, role), []).append(index)
-    reasons: dict[int, set[str]] = defaultdict(set)
-    for atom, why in c.blocks:
-        reasons[find[atom]].add(why)
-    nonzero: dict[int, set[str]] = defaultdict(set)
-    for atom, what in c.nonzero:
-        nonzero[find[atom]].add(what)
+        pos = 0
+        for s, n, r in atoms.runs:
+            for p in part.pieces(s, s + n):
+                classes[part.find(p)].setdefault((layer, role), []).append((pos + (p - s) * r, r))
+            pos += n * r
+    reasons = _marks(part, c.blocks)
+    nonzero = _marks(part, c.nonzero)
 
-    # class -> key: its member runs (layer, role, span) as a multiset, and its reasons
-    bucket: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
+    # class -> key: its member runs (layer, role, span) as a multiset, and its reasons;
+    # every position of a class has the same key
+    bucket: dict[tuple, list[tuple[int, int, list[int], list[int]]]] = defaultdict(list)
     for root, roles in classes.items():
-        entries: list[tuple[tuple, int]] = []
-        for (layer, role), indices in roles.items():
-            for start, length in _runs(indices):
-                entries.append(((order[layer], _ROLE_RANK[role], layer, role, length), start))
+        length = part.length[root]
+        entries: list[tuple[tuple, int, int]] = []
+        for (layer, role), found in roles.items():
+            rank = _ROLE_RANK[role]
+            if length == 1:  # one channel: adjacent indices of a layer merge into one span
+                indices = sorted(i for start, span in found for i in range(start, start + span))
+                for start, span in _runs(indices):
+                    entries.append(((order[layer], rank, layer, role, span), start, 0))
+            else:  # position i is at start + i * span (never adjacent to another entry)
+                for start, span in found:
+                    entries.append(((order[layer], rank, layer, role, span), start, span))
         entries.sort()
         key = (tuple(e[0] for e in entries), frozenset(reasons.get(root, ())))
-        bucket[key].append((root, [e[1] for e in entries]))
+        bucket[key].append((root, length, [e[1] for e in entries], [e[2] for e in entries]))
 
     drafts = []
-    for (entry_keys, why), members in bucket.items():
-        members.sort(key=lambda item: item[1])
-        drafts.append((entry_keys, why, members))
-    drafts.sort(key=lambda d: (d[0][0][:4] if d[0] else (), d[2][0][1]))
+    for (entry_keys, why), items in bucket.items():
+        drafts.append((entry_keys, why, _channel_order(items)))
+    drafts.sort(key=lambda d: (d[0][0][:4] if d[0] else (), d[2][0][0]))
 
     groups: list[ChannelGroup] = []
-    where: dict[int, tuple[int, int]] = {}
-    for gid, (entry_keys, why, members) in enumerate(drafts):
-        cols = list(zip(*(starts for _, starts in members), strict=True))
+    where: dict[int, tuple[int, Sequence[int]]] = {}  # root -> (group id, channel of each offset)
+    for gid, (entry_keys, why, (cols, chans)) in enumerate(drafts):
         group_members = tuple(
             Member(layer, role, tuple(col), span)
             for (_, _, layer, role, span), col in zip(entry_keys, cols, strict=True)
         )
         ops: set[str] = set()
-        for ch, (root, _) in enumerate(members):
+        size = 0
+        for root, ch in chans.items():
             where[root] = (gid, ch)
             ops |= nonzero.get(root, set())
+            size += len(ch)
         groups.append(
             ChannelGroup(
                 id=gid,
-                size=len(members),
+                size=size,
                 members=group_members,
                 prunable=not why,
                 reason=_reason(why),
@@ -348,13 +427,75 @@ def _build(c: Coupler) -> ChannelAnalysis:
             )
         )
 
-    slices = [
-        ChannelSlice(
-            s.node, s.kind, s.dim, s.bounds, s.item, tuple(where.get(find[a]) for a in s.atoms)
-        )
-        for s in c.slices
-    ]
+    slices = []
+    for s in c.slices:
+        positions: list[tuple[int, int] | None] = []
+        for a in s.atoms:
+            root, offset = part.locate(a)
+            found = where.get(root)
+            positions.append((found[0], found[1][offset]) if found else None)
+        slices.append(ChannelSlice(s.node, s.kind, s.dim, s.bounds, s.item, tuple(positions)))
     return ChannelAnalysis(groups, {n: _info(r) for n, r in c.layers.items()}, slices)
+
+
+def _marks(part: Partition, marks: Iterable[tuple[Atoms, str]]) -> dict[int, set[str]]:
+    """Class root -> the texts attached to its atoms (runs already cut to whole pieces)."""
+    out: dict[int, set[str]] = defaultdict(set)
+    for atoms, text in marks:
+        for s, n, _ in atoms.runs:
+            for p in part.pieces(s, s + n):
+                out[part.find(p)].add(text)
+    return out
+
+
+def _channel_order(
+    items: list[tuple[int, int, list[int], list[int]]],
+) -> tuple[list[list[int]], dict[int, Sequence[int]]]:
+    """Group channels of classes with one key, ordered by their index in the first member.
+
+    ``items`` are ``(root, length, starts, spans)``: offset ``i`` of class ``root`` has index
+    ``starts[e] + i * spans[e]`` in entry ``e``. Returns the index columns of the entries
+    and, per root, the group channel of each of its offsets.
+    """
+    items = sorted(items, key=lambda item: item[2][0])
+    ordered = all(  # classes follow each other in the first member (no interleaving)
+        a[2][0] + (a[1] - 1) * a[3][0] < b[2][0] for a, b in zip(items, items[1:], strict=False)
+    )
+    entries = len(items[0][2])
+    if ordered:
+        cols: list[list[int]] = []
+        for e in range(entries):
+            col: list[int] = []
+            for _, length, starts, spans in items:
+                if length == 1:
+                    col.append(starts[e])
+                else:
+                    col.extend(range(starts[e], starts[e] + length * spans[e], spans[e]))
+            cols.append(col)
+        chans: dict[int, Sequence[int]] = {}
+        base = 0
+        for root, length, _, _ in items:
+            chans[root] = range(base, base + length)
+            base += length
+        return cols, chans
+    lengths = [length for _, length, _, _ in items]
+    offsets = np.concatenate([np.arange(n) for n in lengths])
+    which = np.repeat(np.arange(len(items)), lengths)
+    columns = [
+        np.concatenate(
+            [starts[e] + np.arange(length) * spans[e] for _, length, starts, spans in items]
+        )
+        for e in range(entries)
+    ]
+    perm = np.argsort(columns[0], kind="stable")
+    cols = [col[perm].tolist() for col in columns]
+    channel = np.empty(len(perm), dtype=np.int64)
+    channel[perm] = np.arange(len(perm))
+    chans = {}
+    for k, (root, _, _, _) in enumerate(items):
+        chans[root] = channel[which == k].tolist()
+    del offsets
+    return cols, chans
 
 
 def _info(record: LayerRecord) -> LayerInfo:

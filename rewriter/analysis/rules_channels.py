@@ -143,8 +143,7 @@ def conv(c: Coupler, node: fx.Node) -> Value:
     ins = c.member(name, "in", input_channels(c, node, cin, 1))
     outs = c.out_member(name, cout)
     if mode == "depthwise":  # group j is input channel j and outputs j*b .. j*b+b-1
-        for j in range(g):
-            c.union([ins[j]] * b, outs[j * b : (j + 1) * b])
+        c.union(c.repeat_each(ins, b), outs)
     elif mode == "balanced":  # channel i of every group goes together
         for j in range(1, g):
             c.union(ins[:a], ins[j * a : (j + 1) * a])
@@ -490,8 +489,98 @@ METHODS: dict[str, Handler] = {
 }  # fmt: skip
 
 
+_PROBE_MAX_CHANNELS = 256
+
+
+def probe(c: Coupler, node: fx.Node) -> Value:
+    """An op no table knows, tried on a random tensor shaped like its recorded input.
+
+    The op is accepted as channel-transparent (``same``) only when it keeps the shape, is
+    deterministic, and perturbing each input channel ``k`` moves output channel ``k`` and no
+    other (zeroing channel ``k`` also tells whether it is zero-preserving). Otherwise, or
+    when it reads other computed values, its channels are blocked with the reason.
+    """
+    what = describe(node)
+    first = node.args[0] if node.args else None
+    x, shape = c.tracked(first), c.shape(first)
+    if x is None:
+        c.block_inputs(node, f"{what} is not understood by the channel analysis")
+        return None
+    rest = [*node.args[1:], *node.kwargs.values()]
+    if any(isinstance(v, fx.Node) for v in _flat(rest)):
+        c.block_inputs(node, f"{what} is not understood by the channel analysis (not probed: "
+                       "it reads other computed values)")  # fmt: skip
+        return None
+    meta = first.meta.get("tensor_meta")  # type: ignore[union-attr]
+    dtype = getattr(meta, "dtype", None)
+    if shape is None or c.shape(node) != shape or dtype is None or not dtype.is_floating_point:
+        c.block_inputs(node, f"{what} is not understood by the channel analysis (it changes "
+                       "the shape or is not a floating-point op)")  # fmt: skip
+        return None
+    if len(x.atoms) > _PROBE_MAX_CHANNELS:
+        c.block_inputs(node, f"{what} is not understood (too many channels to probe)")
+        return None
+    if node.op == "call_method":
+        method = str(node.target)
+
+        def fn(t: torch.Tensor) -> Any:
+            return getattr(t, method)(*node.args[1:], **node.kwargs)
+    else:
+        target = node.target
+
+        def fn(t: torch.Tensor) -> Any:
+            return target(t, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+
+    d = x.dim
+    generator = torch.Generator().manual_seed(0)
+    base_in = torch.randn(shape, generator=generator, dtype=dtype) + 0.5
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = fn(base_in.clone())
+        torch.manual_seed(0)
+        again = fn(base_in.clone())
+        if not isinstance(base, torch.Tensor) or base.shape != base_in.shape or not torch.equal(
+            base, again
+        ):
+            c.block_inputs(node, f"{what} is not understood (probing: not a deterministic "
+                           "shape-keeping tensor op)")  # fmt: skip
+            return None
+        zero_preserving = True
+        others = [i for i in range(base.dim()) if i != d]
+        for k in range(len(x.atoms)):
+            for change in ("perturb", "zero"):
+                t = base_in.clone()
+                if change == "perturb":
+                    t.select(d, k).mul_(1.5).add_(0.25)
+                else:
+                    t.select(d, k).zero_()
+                torch.manual_seed(0)
+                out = fn(t)
+                moved = (out != base).any(dim=others) if others else out != base
+                moved_channels = moved.nonzero().flatten().tolist()
+                if [ch for ch in moved_channels if ch != k]:
+                    c.block_inputs(node, f"{what} is not understood (probing: channel {k} "
+                                   f"moves channels {moved_channels[:4]})")  # fmt: skip
+                    return None
+                if change == "zero" and bool((out.select(d, k) != 0).any()):
+                    zero_preserving = False
+    return same(c, node, zero_preserving)
+
+
+def _flat(values: Any) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.extend(_flat(v))
+        elif isinstance(v, dict):
+            out.extend(_flat(list(v.values())))
+        else:
+            out.append(v)
+    return out
+
+
 def lookup(c: Coupler, node: fx.Node) -> Handler | None:
-    """The rule for ``node`` (``None``: not understood, every channel it reads is blocked)."""
+    """The rule for ``node``; an op no table knows is probed (:func:`probe`)."""
     handler: Handler | None
     if node.op == "call_module":
         name = str(node.target)
@@ -500,9 +589,9 @@ def lookup(c: Coupler, node: fx.Node) -> Handler | None:
             return opaque
         handler = _module_handler(module)
     elif node.op == "call_function":
-        handler = FUNCTIONS.get(node.target)
+        handler = FUNCTIONS.get(node.target) or probe
     elif node.op == "call_method":
-        handler = METHODS.get(str(node.target))
+        handler = METHODS.get(str(node.target)) or probe
     else:
         handler = None
     return handler

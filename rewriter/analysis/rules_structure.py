@@ -25,6 +25,7 @@ from .coupling import (
     arg,
     describe,
     norm_dim,
+    repeat_each,
 )
 
 
@@ -32,7 +33,7 @@ def flatten_atoms(x: Tracked, shape: Sequence[int], start: int, end: int) -> tup
     """Atoms of dims ``start..end`` (inclusive, containing ``x.dim``) merged in C order."""
     inner = math.prod(shape[x.dim + 1 : end + 1])
     outer = math.prod(shape[start : x.dim])
-    per = tuple(a for a in x.atoms for _ in range(inner)) if inner != 1 else x.atoms
+    per = repeat_each(x.atoms, inner)  # each channel spans `inner` positions
     return per * outer
 
 
