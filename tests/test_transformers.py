@@ -120,6 +120,11 @@ def test_frontend_option_and_errors(lifted) -> None:
     assert rw.report(fx_net).frontend == "fx" and rw.report(ex_net).frontend == "export"
     assert torch.equal(fx_net(x), ex_net(x))
     assert rw.report(ex_net).passes[0].fired == rw.report(fx_net).passes[0].fired == 2
+    # keyword inputs on the fx path bind to forward's parameters; a rewrite continues with them
+    kw_net = rw.rewrite(net, ["masks"], {"input": x})
+    assert rw.report(kw_net).frontend == "fx" and torch.equal(kw_net(x), fx_net(x))
+    more = rw.rewrite(kw_net, ["rbn"], {"input": x})
+    assert [p.name for p in rw.report(more).passes] == ["masks", "rbn"]
 
 
 def test_auto_falls_back_to_export_when_fx_fails_at_the_root() -> None:
