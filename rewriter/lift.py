@@ -37,10 +37,7 @@ archive is inspected first and refused, without unpickling anything, unless
 
 from __future__ import annotations
 
-import io as _io
-import json
 import operator
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -904,50 +901,6 @@ def _size(s: Any) -> int:
 
 
 # -- .pt2 files -------------------------------------------------------------------------------
-
-_TENSOR_PREFIX = "tensor_"
-_PICKLED = "holds pickled data"
-
-
-def _archive_problems(path: Path) -> list[str]:
-    """Parts of a ``.pt2`` archive that ``torch.export.load`` would unpickle or execute."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ArtifactError(f"{path} is not a readable .pt2 archive: {exc}") from exc
-    with archive:
-        names = archive.namelist()
-        if "version" in names:
-            return ["it uses the pre-2.8 archive layout, which torch loads with pickle"]
-        roots = {n.split("/", 1)[0] for n in names}
-        if len(roots) != 1:
-            raise ArtifactError(f"{path} is not a torch.export archive (no single root folder)")
-        root = roots.pop() + "/"
-        rel = {n[len(root) :]: n for n in names if n.startswith(root)}
-        if rel.get("archive_format") is None or archive.read(rel["archive_format"]) != b"pt2":
-            raise ArtifactError(f"{path} is not a torch.export archive (no archive_format 'pt2')")
-        problems = []
-        for name in rel:
-            if name.startswith("data/aotinductor/"):
-                problems.append(f"it contains compiled AOTInductor code ({name})")
-                break
-        for name, full in rel.items():
-            if name.startswith(("data/weights/", "data/constants/")) and name.endswith(".pt"):
-                problems.append(f"{name} uses the legacy pickled layout")
-            elif name.endswith(("_weights_config.json", "_constants_config.json")):
-                config = json.loads(archive.read(full)).get("config", {})
-                for fqn, meta in config.items():
-                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
-                        ("weight_", _TENSOR_PREFIX)
-                    ):
-                        problems.append(f"{fqn!r} in {name} {_PICKLED}")
-            elif name.startswith("data/sample_inputs/"):
-                try:  # the restricted unpickler: safe, and what torch tries first
-                    torch.load(_io.BytesIO(archive.read(full)), weights_only=True)
-                except Exception:
-                    problems.append(f"{name} {_PICKLED} beyond plain tensors")
-        return problems
-
 
 def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> ExportedProgram:
     """Load the ``torch.export`` program saved at ``path``.
