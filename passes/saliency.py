@@ -360,6 +360,7 @@ class ManiDPGate(SaliencyGate):
     ) -> None:
         super().__init__(in_channels, out_channels, **kw)
         _check_init(init)
+        self.reduction = reduction  # kept for the constructor config (rewriter.modules)
         self.hidden = bottleneck(out_channels, reduction)
         self.fc1 = nn.Linear(in_channels, self.hidden, bias=False)
         self.fc2 = nn.Linear(self.hidden, out_channels)
