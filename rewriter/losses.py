@@ -6,8 +6,11 @@ Any module a pass inserts (a :class:`~rewriter.modules.RewriterModule`) may defi
     ce = F.cross_entropy(out, y, reduction="none")
     loss = ce.mean() + rewriter.aux_losses(gm, per_sample_ce=ce)
 
-Modules ignore context keys they do not use. A class may declare ``AUX_LOSS_KEYS``
-(a frozenset of the keys it reads); a key that no module declares is rejected as a typo.
+The library's modules read ``per_sample_ce`` (ManiDP/FBS gates) and ``targets`` (the
+labels: ``distill``, whose term makes ``F.cross_entropy(out, y) + aux_losses(gm,
+targets=y)`` the distillation loss). Modules ignore context keys they do not use. A class
+may declare ``AUX_LOSS_KEYS`` (a frozenset of the keys it reads); a key that no module
+declares is rejected as a typo.
 Call it once per training step: some modules record statistics (e.g. ManiDP's mean
 cross-entropy of the epoch) when called in training mode.
 """
@@ -33,7 +36,7 @@ def aux_losses(gm: nn.Module, **context: Any) -> Tensor:
     if not modules:
         raise RewriterError(
             "no inserted module defines aux_loss; run a pass with losses first "
-            "(e.g. saliency_gates or skip_gates)"
+            "(e.g. saliency_gates, skip_gates or distill)"
         )
     # A module without a declaration may read anything, so only check when all declare.
     checked = all(getattr(type(m), "AUX_LOSS_KEYS", None) is not None for m in modules)
