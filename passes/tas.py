@@ -1,4 +1,4 @@
-"""Pass ``tas``: TAS differentiable width and depth search to a MACs target (``PAPERS.md`` section 5).
+"""Pass ``tas``: TAS differentiable width and depth search to a MACs target (``docs/methods/tas.md``).
 
 Before => after, for every searchable channel group (from
 :func:`rewriter.analysis.channels.channel_groups`) and every stage of residual blocks
@@ -27,7 +27,8 @@ uses its argmax candidate (ties go to the widest) alone: the search model then c
 exactly what :func:`derive` builds, up to float rounding.
 
 Depth: a *stage* is a chain of residual blocks in which every block after the first is an
-identity block reading the previous block's output. A stage of ``L >= 2`` blocks has the
+identity block of unchanged shape reading the previous block's output (and read by nothing
+else but the next block). A stage of ``L >= 2`` blocks has the
 candidate depths of the authors' code (``1..L`` for ``L <= 3``, else ``1, 3, 5, ...`` and
 ``L``); the stage output becomes the sum of the block outputs at the candidate depths
 weighted by Gumbel-softmax probabilities (training) or by the one-hot argmax (eval; ties
@@ -101,7 +102,15 @@ from rewriter.analysis.blocks import ResidualBlock, residual_blocks
 from rewriter.context import RewriteContext
 from rewriter.errors import RewriterError
 from rewriter.modules import RewriterModule
-from rewriter.registry import Pass, option, register
+from rewriter.registry import (
+    Pass,
+    anything,
+    nonnegative,
+    option,
+    positive,
+    register,
+    unit_interval,
+)
 
 __all__ = [
     "RATIOS",
@@ -118,6 +127,7 @@ __all__ = [
     "depth_choices",
     "derive",
     "expected_flops",
+    "kd_student",
     "set_temperature",
     "tas_arch",
     "temperature_schedule",
@@ -552,12 +562,22 @@ class Tas(Pass):
     name = "tas"
     preserves_outputs = True
 
-    ratios: tuple[float, ...] = option(RATIOS, "width ratios r of the candidates int(C * r)")
-    depth: bool = option(True, "also search the depth of every stage of residual blocks")
-    flops_ratio: float = option(0.5, "target MACs as a fraction of the dense model's MACs")
-    tolerance: float = option(0.05, "no cost loss within (flops_ratio - tolerance, flops_ratio]")
-    cost_weight: float = option(2.0, "weight of the cost loss in aux_losses")
-    temperature: float = option(10.0, "initial Gumbel-softmax temperature (tau_max)")
+    ratios: tuple[float, ...] = option(
+        RATIOS, "width ratios r of the candidates int(C * r)", unit_interval(low_open=True)
+    )
+    depth: bool = option(
+        True, "also search the depth of every stage of residual blocks", anything()
+    )
+    flops_ratio: float = option(
+        0.5, "target MACs as a fraction of the dense model's MACs", unit_interval(low_open=True)
+    )
+    tolerance: float = option(
+        0.05,
+        "no cost loss within [flops_ratio - tolerance, flops_ratio] (fraction of dense MACs)",
+        unit_interval(high_open=True),
+    )
+    cost_weight: float = option(2.0, "weight of the cost loss in aux_losses", nonnegative())
+    temperature: float = option(10.0, "initial Gumbel-softmax temperature (tau_max)", positive())
 
     def __post_init__(self) -> None:
         if not self.ratios or not all(0 < r <= 1 for r in self.ratios):
@@ -870,6 +890,10 @@ def _stages(gm: fx.GraphModule, opts: Tas, ctx: RewriteContext) -> list[_Stage]:
         if len(after) != 1:
             return None
         nxt = after[0]
+        if _shape_of(nodes[nxt.input]) != _shape_of(nodes[nxt.output]) or _shape_of(
+            nodes[nxt.output]
+        ) is None:
+            return None  # a pooled shortcut: the block changes the shape and cannot be dropped
         inside = set(nxt.nodes)
         if not all(u.name in inside for u in nodes[block.output].users):
             return None  # the block output is read outside the next block
@@ -891,6 +915,11 @@ def _stages(gm: fx.GraphModule, opts: Tas, ctx: RewriteContext) -> list[_Stage]:
         names = [labels[b.add] for b in chain]
         stages.append(_Stage(f"{first}..{last}", chain, depth_choices(len(chain)), names))
     return stages
+
+
+def _shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _fill_cost(
@@ -985,13 +1014,21 @@ class Architecture:
     """The argmax architecture: per searched group its width, per stage its depth, its MACs."""
 
     widths: dict[str, tuple[int, int]]  # group label -> (chosen, channels)
-    layer_widths: dict[str, tuple[int, int]]  # producer layer -> (chosen, channels)
+    layer_widths: dict[str, tuple[int, int]]  # producer layer -> (chosen, channels), graph order
     depths: dict[str, tuple[int, int]]  # stage label -> (chosen, blocks)
+    removed: tuple[str, ...]  # blocks the argmax depths drop
     macs: float  # per sample
+
+    def kept(self, layer: str) -> bool:
+        """Whether ``layer`` survives the argmax depths (it is not inside a removed block)."""
+        return not any(layer == b or layer.startswith(b + ".") for b in self.removed)
 
     def table(self) -> str:
         lines = [f"{'layer':<28} {'width':>11}"]
-        lines += [f"{k:<28} {c:>5} / {n:<5}" for k, (c, n) in self.layer_widths.items()]
+        lines += [
+            f"{k:<28} {c:>5} / {n:<5}" + ("" if self.kept(k) else " (block removed)")
+            for k, (c, n) in self.layer_widths.items()
+        ]
         lines += [f"{'stage ' + k:<28} {c:>5} / {n:<5}" for k, (c, n) in self.depths.items()]
         lines.append(f"MACs per sample: {self.macs:,.0f}")
         return "\n".join(lines)
@@ -1016,7 +1053,13 @@ def architecture(gm: nn.Module) -> Architecture:
         label: (arch.stage_depths[s][d[s]], arch.stage_depths[s][-1])
         for s, label in enumerate(arch.stage_labels)
     }
-    return Architecture(widths, layers, depths, float(arch.argmax_flops()))
+    removed: list[str] = []
+    for module in gm.modules():
+        if isinstance(module, TASDepth):
+            removed.extend(module.blocks[module.depths[d[module.stage]] :])
+    order = {name: i for i, name in enumerate(dict(gm.named_modules()))}
+    layers = dict(sorted(layers.items(), key=lambda item: order.get(item[0], len(order))))
+    return Architecture(widths, layers, depths, tuple(removed), float(arch.argmax_flops()))
 
 
 def derive(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | Tensor) -> fx.GraphModule:
@@ -1072,3 +1115,37 @@ def derive(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | Tensor) -> fx.
                 mask[:width] = True
                 masks[layer] = mask
     return slim(work, example_inputs, masks)
+
+
+def kd_student(
+    derived: fx.GraphModule,
+    teacher: nn.Module,
+    example_inputs: Sequence[Tensor] | Tensor,
+    *,
+    from_scratch: bool = True,
+    alpha: float = 0.9,
+    temperature: float = 4.0,
+) -> fx.GraphModule:
+    """TAS's retraining setup: ``derived`` with Hinton KD from ``teacher`` (the unpruned network).
+
+    Returns ``rewrite(derived, [Distill.with_teacher(teacher, method="hinton", alpha=0.9,
+    temperature=4)])`` on a copy whose parameters are re-initialised first (``from_scratch``:
+    every layer's ``reset_parameters()``, BatchNorm statistics included), as TAS trains the
+    searched network from scratch. Train it with
+    ``F.cross_entropy(out, y) + rewriter.aux_losses(gm, targets=y)`` and keep
+    :func:`rewriter.passes.distill.strip` of it.
+    """
+    from rewriter.api import rewrite
+
+    from .distill import Distill
+
+    student = copy.deepcopy(derived)
+    if from_scratch:
+        for module in student.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and module is not student:
+                reset()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+    kd = Distill.with_teacher(teacher, method="hinton", alpha=alpha, temperature=temperature)
+    return rewrite(student, [kd], example_inputs)

@@ -1,4 +1,4 @@
-"""Tests of the ``tas`` pass and its training-time functions (PAPERS.md section 5).
+"""Tests of the ``tas`` pass and its training-time functions (docs/methods/tas.md).
 
 References computed independently of the implementation:
 
@@ -356,7 +356,8 @@ def test_random_graphs_with_a_residual_stage(rm, blocks, hidden, seed):
     result = rw_testing.check_pass("tas", (model, x))
     gm = result.gm
     assert rw.report(gm).passes[-1].matches["stage -> depth choice"] == 1
-    assert tas_arch(gm).stage_depths == [depth_choices(blocks)]
+    ((*_, length),) = tas_arch(gm).stage_depths  # the DAG may continue the chain
+    assert length >= blocks and tas_arch(gm).stage_depths == [depth_choices(length)]
     # every logit favouring the widest candidate and the full depth: exactly the original
     derived_full = derive(gm, x).eval()
     assert len(list(derived_full.modules())) == len(list(model.modules()))
@@ -366,10 +367,10 @@ def test_random_graphs_with_a_residual_stage(rm, blocks, hidden, seed):
     arch = tas_arch(gm)
     assert _macs_per_sample(derived, x[0]) == float(arch.argmax_flops())
     (label,) = arch.stage_labels
-    assert label == f"0/add..0/add_{blocks - 1}"  # blocks of one forward: scope/add node
+    assert label.startswith("0/add..")  # blocks of one forward: scope/add node
     depth = architecture(gm).depths[label][0]
     kept = {n.split(".")[2] for n, _ in derived.named_modules() if n.startswith("0.blocks.")}
-    assert len(kept) == depth
+    assert len(kept) == min(depth, blocks)
     torch.testing.assert_close(derived(*x), gm.eval()(*x), rtol=1e-4, atol=1e-4)
 
 
@@ -497,15 +498,20 @@ def test_compiled_search_trains_without_recompiling():
     torch._dynamo.reset()
     torch.manual_seed(0)
     x_tr, y_tr, _, _ = digits(seed=0)
-    gm = rw.rewrite(zoo.create("resnet20", width=4, in_channels=1), ["tas"], x_tr[:2])
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        ResidualStage(6, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10),
+    )  # fmt: skip
+    gm = rw.rewrite(model, ["tas"], x_tr[:2])
+    assert rw.report(gm).passes[-1].matches["stage -> depth choice"] == 1
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(gm, fullgraph=True, backend=counter)
     opt = torch.optim.Adam(gm.parameters(), lr=0.01)
     gm.train()
     losses = []
     gen = torch.Generator().manual_seed(0)
-    for step in range(12):
-        set_temperature(gm, temperature_schedule(step, 12))
+    for step in range(15):
+        set_temperature(gm, temperature_schedule(step, 15))
         idx = torch.randint(len(x_tr), (64,), generator=gen)
         opt.zero_grad()
         loss = F.cross_entropy(compiled(x_tr[idx]), y_tr[idx])
