@@ -4,7 +4,8 @@ Every front end (:func:`rewriter.trace`, :func:`rewriter.lift`) ends here, so pa
 analyses see standard ``call_module`` layers whatever the source:
 
 * **Functional calls on a module's own parameters become layers.** ``F.conv{1,2,3}d``,
-  ``F.linear``, ``F.batch_norm``, ``F.layer_norm`` and ``F.group_norm`` whose weights
+  ``F.linear``, ``F.batch_norm``, ``F.layer_norm`` and ``F.group_norm`` (and the aten
+  ``linear``/``conv``/``layer_norm``/``group_norm`` calls lifting leaves) whose weights
   are read with ``get_attr`` (what tracing through a custom module, or through a layer
   subclass with its own ``forward`` such as a fused BatchNorm+activation, records)
   become ``nn.Conv{1,2,3}d`` / ``nn.Linear`` / ``nn.BatchNorm{1,2,3}d`` / ``nn.LayerNorm``
@@ -31,7 +32,9 @@ Names (the mapping, also in :attr:`CanonicalReport.renamed`, new name -> origina
   layer's ``act``, ``drop``) move next to it as ``P_act``, ``P_drop`` (for example
   ``layer1.0.bn1.act`` -> ``layer1.0.bn1_act``);
 * a layer lifted from differently named parameters ``P.<stem>_weight``/``P.<stem>_bias``
-  (or ``P.<stem>``) is the module ``P.<stem>`` (``P.in_proj_weight`` -> ``P.in_proj.weight``);
+  is the module ``P.<stem>`` (``P.in_proj_weight`` -> ``P.in_proj.weight``:
+  a lifted ``.pt2`` ``nn.MultiheadAttention`` keeps its packed in-projection as one
+  ``nn.Linear``; only tracing makes q/k/v and the heads explicit);
 * ``nn.MultiheadAttention`` ``P``: ``P.in_proj_weight`` rows ``[0:E]``, ``[E:2E]``,
   ``[2E:3E]`` -> ``P.q_proj.weight``, ``P.k_proj.weight``, ``P.v_proj.weight`` (bias
   likewise); ``P.out_proj`` keeps its name; the heads are ``P.attention``.
@@ -289,6 +292,14 @@ FUNCTIONAL_LAYERS: dict[Any, tuple[str, Callable[[fx.GraphModule, fx.Node], _Lay
     F.batch_norm: ("F.batch_norm", _batch_norm),
     F.layer_norm: ("F.layer_norm", _layer_norm),
     F.group_norm: ("F.group_norm", _group_norm),
+    # what lifting an exported program leaves when a layer's state is named otherwise
+    # (``nn.MultiheadAttention``'s ``in_proj_weight``): the same argument layout
+    torch.ops.aten.linear.default: ("aten.linear", _linear),
+    torch.ops.aten.conv1d.default: ("aten.conv1d", _conv(1)),
+    torch.ops.aten.conv2d.default: ("aten.conv2d", _conv(2)),
+    torch.ops.aten.conv3d.default: ("aten.conv3d", _conv(3)),
+    torch.ops.aten.layer_norm.default: ("aten.layer_norm", _layer_norm),
+    torch.ops.aten.group_norm.default: ("aten.group_norm", _group_norm),
 }
 
 
@@ -384,7 +395,9 @@ class _Canonicalizer:
         if whole:
             name = owner
         else:
-            stem = leaves["weight"].removesuffix("weight").rstrip("_") or leaves["weight"] + "_layer"
+            stem = leaves["weight"].removesuffix("weight").rstrip("_")
+            if not stem:
+                return f"{owner or 'the root'} also holds other state, so the layer has no name"
             name = f"{owner}.{stem}" if owner else stem
             if hasattr(container, stem):
                 return f"cannot name the layer {name!r}: the name is taken"
@@ -399,6 +412,11 @@ class _Canonicalizer:
             module.num_batches_tracked = (
                 existing if isinstance(existing, Tensor) else torch.tensor(0, dtype=torch.long)
             )
+        if not whole:
+            for attr, leaf in leaves.items():
+                delattr(container, leaf)
+                self.report.renamed[f"{name}.{attr}"] = f"{owner}.{leaf}" if owner else leaf
+            self.gm.add_submodule(name, module)
         with self.graph.inserting_before(node):
             new = self.graph.call_module(name, (layer.input,))
         new.meta.update({k: v for k, v in node.meta.items() if k != "tensor_meta"})
@@ -416,11 +434,6 @@ class _Canonicalizer:
                 self.graph.erase_node(getter)
         if whole:
             self._replace_container(owner, module)
-        else:
-            for attr, leaf in leaves.items():
-                delattr(container, leaf)
-                self.report.renamed[f"{name}.{attr}"] = f"{owner}.{leaf}" if owner else leaf
-            self.gm.add_submodule(name, module)
         return None
 
     def _counter(self, owner: str) -> fx.Node | str | None:

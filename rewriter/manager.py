@@ -223,12 +223,16 @@ def run_passes(
     history = [p.name for p in rep.passes]
     rep.checked = rep.checked and example_inputs is not None
     reference = ref_shapes = None
+    reference64 = None  # float64 outputs of the graph as it is now, when known
     if example_inputs is not None:
         try:
             _propagate_shapes(gm, example_inputs)  # passes may read node.meta["tensor_meta"]
             if checks.shapes or checks.numerics:
-                reference = evaluate(gm, example_inputs, checks.seed)
-                ref_shapes = _shapes(reference)
+                if _use64(checks, passes[0] if passes else None):
+                    reference64 = evaluate64(gm, example_inputs, checks.seed)
+                if reference64 is None:
+                    reference = evaluate(gm, example_inputs, checks.seed)
+                ref_shapes = _shapes(reference64 if reference64 is not None else reference)
         except Exception as exc:
             shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in example_inputs]
             raise RewriterError(
@@ -237,7 +241,6 @@ def run_passes(
                 "  Give inputs the model accepts (shape, dtype, number of arguments)."
             ) from exc
 
-    reference64 = None  # float64 outputs of the graph as it is now, when known
     for p in passes:
         if rep.opaque:
             warnings.warn(
@@ -245,10 +248,7 @@ def run_passes(
                 f"{', '.join(sorted(rep.opaque))}; they are left unchanged",
                 stacklevel=3,
             )
-        numeric = (
-            checks.numerics and checks.float64 and p.preserves_outputs and example_inputs is not None
-        )
-        if numeric and reference64 is None:
+        if example_inputs is not None and _use64(checks, p) and reference64 is None:
             reference64 = evaluate64(gm, example_inputs, checks.seed)
         ctx = RewriteContext(gm, p.name)
         before = _count(gm)
@@ -358,8 +358,17 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Non
         _restore(states)
 
 
+def _use64(checks: Checks, p: Pass | None) -> bool:
+    """Whether the numeric check after ``p`` is made in float64."""
+    return bool(checks.numerics and checks.float64 and p is not None and p.preserves_outputs)
+
+
 def _check_outputs(gm, p, inputs, references, ref_shapes, checks, fail):
-    """Shape and numeric checks after pass ``p``; returns (outputs, float64 outputs or None)."""
+    """Shape and numeric checks after pass ``p``.
+
+    Returns (float32 outputs or None, float64 outputs or None): the next pass compares
+    with whichever exists.
+    """
     reference, reference64 = references
     try:
         _propagate_shapes(gm, inputs)
@@ -372,16 +381,26 @@ def _check_outputs(gm, p, inputs, references, ref_shapes, checks, fail):
             f"the rewritten model fails on the example inputs: {_root_cause(exc)}",
             node=node,
         ) from exc
-    out = evaluate(gm, inputs, checks.seed)
-    if checks.shapes and _shapes(out) != ref_shapes:
-        raise fail(f"output shapes changed: {ref_shapes} before, {_shapes(out)} after")
-    out64 = None
+    # Float64 outputs replace the float32 ones when the comparison is made in float64:
+    # one forward per pass, as before, only wider.
+    out = out64 = None
+    if reference64 is not None and _use64(checks, p):
+        out64 = evaluate64(gm, inputs, checks.seed)
+    if out64 is None:
+        out = evaluate(gm, inputs, checks.seed)
+    shapes = _shapes(out64 if out64 is not None else out)
+    if checks.shapes and shapes != ref_shapes:
+        raise fail(f"output shapes changed: {ref_shapes} before, {shapes} after")
     if checks.numerics and p.preserves_outputs:
-        if reference64 is not None:
-            out64 = evaluate64(gm, inputs, checks.seed)
-        expected, got, where = (reference, out, "")
         if out64 is not None:
             expected, got, where = reference64, out64, ", compared in float64"
+        elif reference is not None:
+            expected, got, where = reference, out, ""
+        else:
+            raise fail(
+                "the rewritten model no longer runs in float64, so its outputs cannot be "
+                "compared with the float64 reference; check with Checks(float64=False)"
+            )
         scale = _magnitude(expected)
         try:
             torch.testing.assert_close(got, expected, rtol=checks.rtol, atol=checks.atol * scale)

@@ -173,6 +173,21 @@ def test_multihead_attention_becomes_qkv_linears_and_visible_heads() -> None:
     assert _fired(net) == [2 * 6 + 2]  # q, k, v, out, two MLP linears per block; patch + head
 
 
+def test_lifted_multihead_attention_keeps_a_packed_in_projection_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = idioms.MHAViT().eval()
+    x = idioms.vit_inputs()
+    ep = torch.export.export(model, (x,))
+    gm = lift(ep)
+    assert canonical_report(gm).lifted == {"aten.linear -> Linear": 2}
+    assert type(gm.get_submodule("blocks.0.attn.in_proj")) is nn.Linear
+    assert canonical_report(gm).renamed["blocks.0.attn.in_proj.weight"] == "blocks.0.attn.in_proj_weight"
+    with torch.no_grad():  # eager MHA takes torch's fused path here; the program does not
+        assert torch.equal(gm(x), ep.module()(x))
+    net = rw.rewrite(gm, ["masks"], x)
+    assert _fired(net) == [1 + 2 * 4 + 1]  # patch; in_proj, out_proj, 2 MLP per block; head
+
+
 def test_optional_arguments_and_sizes_flow_through_every_analysis() -> None:
     model, plain = _source("view_flatten")
     x = idioms.inputs()
@@ -225,6 +240,38 @@ def test_slim_is_exact_on_idioms(name: str, front: str, tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in gm.parameters())
+
+
+# -- unknown ops: classified by probing, never a wrong cut -------------------------------------
+
+
+class _UnknownOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.c4 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.erf(self.c1(x))  # elementwise, in no table: probed, channel-transparent
+        h = self.c3(self.c2(h).cumsum(1))  # mixes channels: probed, blocked
+        return self.c4(torch.special.expit(h))  # elementwise, not zero-preserving
+
+
+def test_unknown_ops_are_probed_and_never_cut_wrongly() -> None:
+    torch.manual_seed(0)
+    model, x = _UnknownOps().eval(), torch.randn(2, 3, 8, 8)
+    gm = rw.trace(model)
+    analysis = channel_groups(gm, (x,))
+    by_layer = {g.layers_out()[0]: g for g in analysis.groups if g.layers_out()}
+    assert by_layer["c1"].prunable
+    assert not by_layer["c2"].prunable and "probing: channel 0 moves channels" in by_layer["c2"].reason
+    assert by_layer["c3"].prunable and by_layer["c3"].nonzero_ops  # expit(0) = 0.5
+    drops = {g.id: [0, 2] for g in analysis.prunable()}
+    rw.mask_channels(gm, analysis, drops)
+    slim = rw.slim(gm, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
+    assert slim.get_submodule("c1").out_channels == 6
 
 
 # -- deep nets: the numeric check and SynFlow ---------------------------------------------------
