@@ -400,8 +400,8 @@ def test_preserves_outputs_follows_init_and_style() -> None:
 def test_identity_init_is_exact_at_insertion_even_on_large_inputs(mode: str) -> None:
     """pi == 1 whatever the input scale: the deep-net eval blow-up of the authors' init is gone."""
     torch.manual_seed(0)
-    model = zoo.create("resnet20")
-    x = zoo.example_inputs("resnet20", batch=4)[0] * 100.0  # large pooled gate inputs
+    model = zoo.create("resnet8")
+    x = zoo.example_inputs("resnet8", batch=4)[0] * 100.0  # large pooled gate inputs
     gm = rw.rewrite(model, ["saliency_gates"], (x,))  # the manager checks preserves_outputs
     getattr(gm, mode)()
     getattr(model, mode)()
@@ -410,6 +410,8 @@ def test_identity_init_is_exact_at_insertion_even_on_large_inputs(mode: str) -> 
     assert torch.equal(out, ref)
     for gate in gates(gm).values():
         assert torch.equal(gate.last_saliency, torch.ones_like(gate.last_saliency))
+    if mode == "train":
+        return
     paper = rw.rewrite(model, [("saliency_gates", {"init": "paper"})], (x,))
     evaluate(paper, (x,))
     pis = torch.cat([g.last_saliency.flatten() for g in gates(paper).values()])
