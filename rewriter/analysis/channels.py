@@ -307,25 +307,31 @@ def graph_fingerprint(gm: fx.GraphModule) -> str:
     module and attribute the graph uses. Parameter values, buffers and module classes that
     keep a layer's channel structure (a split or masked twin of a layer) do not count.
     """
-    digest = hashlib.sha1()
+    lines: list[str] = []
     used: set[str] = set()
-    for node in gm.graph.nodes:
-        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{n.name}")
-        digest.update(f"{node.name}|{node.op}|{_target_name(node.target)}|{args!r}\n".encode())
+    for node in gm.graph.nodes:  # a Node's repr is its name
+        lines.append(
+            f"{node.name}|{node.op}|{_target_name(node.target)}|{node.args!r}|{node.kwargs!r}"
+        )
         if node.op in ("call_module", "get_attr"):
             used.add(str(node.target))
+    modules = dict(gm.named_modules())
     for target in sorted(used):
-        try:
-            obj = gm.get_submodule(target) if target else gm
-            shapes = [(n, tuple(p.shape)) for n, p in obj.named_parameters(recurse=True)]
-        except AttributeError:
+        module = modules.get(target)
+        if module is not None:
+            if next(module.children(), None) is None:  # a leaf layer: its own parameters
+                params = module._parameters.items()
+            else:
+                params = module.named_parameters()
+            shapes = [(n, tuple(p.shape)) for n, p in params if p is not None]
+        else:
             try:
                 value = fetch_attr(gm, target)
             except AttributeError:
                 value = None
             shapes = [("", tuple(value.shape))] if isinstance(value, torch.Tensor) else []
-        digest.update(f"{target}:{shapes!r}\n".encode())
-    return digest.hexdigest()
+        lines.append(f"{target}:{shapes!r}")
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()
 
 
 def _target_name(target: object) -> str:
