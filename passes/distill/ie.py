@@ -1,6 +1,6 @@
 """IE-KD's building blocks: the teacher's auto-encoder, the student's encoders, freezing.
 
-PAPERS.md section 6: the teacher's tapped feature map is encoded by an auto-encoder of
+``docs/methods/distill.md``: the teacher's tapped feature map is encoded by an auto-encoder of
 3 conv-BN-LeakyReLU(0.1) layers each way (Factor Transfer's "paraphraser"), pretrained
 with a reconstruction loss; the student's tapped map is split channel-wise into an
 inheritance half and an exploration half, each with its own encoder (3 conv-BN-LeakyReLU

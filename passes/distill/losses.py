@@ -1,4 +1,4 @@
-"""The distillation losses as plain tensor functions (PAPERS.md section 6).
+"""The distillation losses as plain tensor functions (``docs/methods/distill.md``).
 
 Every function takes logits or codes and returns a scalar; the ``distill`` pass's module
 calls them on the tensors of the last forward. Conventions:
