@@ -27,19 +27,19 @@ networks; at the end the mean and standard deviation over the seeds. ``--plot`` 
 chosen widths (fraction of the dense width, per layer and seed) as a PNG when matplotlib is
 installed.
 
-Run: python examples/tas_digits.py [--seeds 0 1 2] [--epochs 20] [--search-epochs 10]
+Run: python examples/tas_digits.py [--seeds 0 1 2] [--epochs 15] [--search-epochs 8]
      [--ratio 0.5] [--settle 200] [--plot out/tas_digits_widths.png]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from summary import Summary, parser, progress
 from torch import Tensor, fx, nn
 
 import rewriter as rw
@@ -74,6 +74,7 @@ def train(
     epochs: int,
     lr: float,
     seed: int,
+    label: str,
     extra: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> float:
     """SGD with momentum, cosine schedule, batches of 64; returns the test accuracy (%)."""
@@ -82,7 +83,7 @@ def train(
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for _ in progress(range(epochs), f"{label} seed {seed} (epochs)"):
         net.train()
         for idx in torch.randperm(len(x_tr), generator=gen).split(64):
             opt.zero_grad()
@@ -120,7 +121,7 @@ def search(
     a_opt = torch.optim.Adam(arch_parameters(gm), lr=arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)
     arch = tas_arch(gm)
     print(f"{'epoch':>5} {'tau':>6} {'E[MACs]':>8} {'argmax MACs':>11}  (fractions of dense)")
-    for epoch in range(epochs):
+    for epoch in progress(range(epochs), f"search seed {seed} (epochs)"):
         set_temperature(gm, temperature_schedule(epoch, epochs))
         gm.train()
         w_batches = train_idx[torch.randperm(half, generator=gen)].split(64)
@@ -159,9 +160,7 @@ def uniform(model: nn.Module, x: Tensor, target_macs: float) -> fx.GraphModule:
     analysis = channel_groups(gm, x)
 
     def build(r: float) -> fx.GraphModule:
-        drops = {
-            g.id: range(max(1, round(r * g.size)), g.size) for g in analysis.prunable()
-        }
+        drops = {g.id: range(max(1, round(r * g.size)), g.size) for g in analysis.prunable()}
         return rw.slim(gm, x, rw.group_masks(analysis, drops))
 
     lo, hi = 0.05, 1.0
@@ -171,7 +170,9 @@ def uniform(model: nn.Module, x: Tensor, target_macs: float) -> fx.GraphModule:
             hi = mid
         else:
             lo = mid
-    best = min((build(lo), build(hi)), key=lambda n: abs(flops(n, x).total_macs / len(x) - target_macs))
+    best = min(
+        (build(lo), build(hi)), key=lambda n: abs(flops(n, x).total_macs / len(x) - target_macs)
+    )
     return best
 
 
@@ -181,10 +182,10 @@ def describe(net: nn.Module, x: Tensor) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=20, help="epochs of every normal training")
-    ap.add_argument("--search-epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=15, help="epochs of every normal training")
+    ap.add_argument("--search-epochs", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=0.5, help="target MACs / dense MACs")
     ap.add_argument("--arch-lr", type=float, default=0.01, help="Adam learning rate of the logits")
     ap.add_argument(
@@ -192,24 +193,24 @@ def main() -> None:
     )
     ap.add_argument("--width", type=int, default=8, help="base width of the zoo resnet20")
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--plot", default="", help="write the chosen widths as a PNG here")
+    ap.add_argument("--plot", default="out/tas_digits_widths.png", help="PNG of the chosen widths")
     args = ap.parse_args()
+    summary = Summary("tas_digits", ap, args)
     torch.set_num_threads(1)  # tiny convs: one thread is fastest and deterministic
     start = time.perf_counter()
     rows: dict[str, list[tuple[float, int, float]]] = {"dense": [], "TAS": [], "uniform": []}
     widths_per_seed: list[dict[str, float]] = []
+    per_seed: list[str] = []
     for seed in args.seeds:
         print(f"\n=== seed {seed} ===")
         data = digits(seed=seed)
         x_tr, x_te, y_te = data[0], data[2], data[3]
         torch.manual_seed(seed)
         dense = zoo.create("resnet20", width=args.width, in_channels=1)
-        dense_acc = train(dense, data, args.epochs, args.lr, seed)
+        dense_acc = train(dense, data, args.epochs, args.lr, seed, "dense")
         rows["dense"].append((*describe(dense, x_te), dense_acc))
 
-        gm = search(
-            dense, data, args.search_epochs, args.ratio, args.arch_lr, seed, args.settle
-        )
+        gm = search(dense, data, args.search_epochs, args.ratio, args.arch_lr, seed, args.settle)
         chosen = architecture(gm)
         print(chosen.table())
         widths_per_seed.append(
@@ -220,33 +221,58 @@ def main() -> None:
 
         torch.manual_seed(seed)
         student = kd_student(derived, dense, x_tr[:2])
-        train(student, data, args.epochs, args.lr, seed, extra=kd_loss)
+        train(student, data, args.epochs, args.lr, seed, "TAS retrain", extra=kd_loss)
         tas_net = strip(student)
         rows["TAS"].append((*describe(tas_net, x_te), accuracy(tas_net, x_te, y_te)))
 
         torch.manual_seed(seed)
         thin = kd_student(uniform(dense, x_tr[:2], target), dense, x_tr[:2])
-        train(thin, data, args.epochs, args.lr, seed, extra=kd_loss)
+        train(thin, data, args.epochs, args.lr, seed, "uniform", extra=kd_loss)
         thin_net = strip(thin)
         rows["uniform"].append((*describe(thin_net, x_te), accuracy(thin_net, x_te, y_te)))
 
+        depths = " ".join(f"{c}/{n}" for c, n in chosen.depths.values())
+        stage3 = [
+            c / n
+            for k, (c, n) in chosen.layer_widths.items()
+            if k.startswith("layer3") and chosen.kept(k)
+        ]
+        per_seed.append(
+            f"seed {seed}: stage depths {depths}; mean kept width of the kept layers "
+            f"{statistics.mean(c / n for k, (c, n) in chosen.layer_widths.items() if chosen.kept(k)):.2f}"
+            f" (stage 3 {statistics.mean(stage3):.2f})"
+        )
         print(f"{'network':<8} {'MACs/image':>11} {'of dense':>8} {'params':>8} {'accuracy':>8}")
         for name, values in rows.items():
             macs, params, acc = values[-1]
             share = macs / rows["dense"][-1][0]
             print(f"{name:<8} {macs:>11,.0f} {share:>8.1%} {params:>8,} {acc:>8.2f}")
 
-    print(f"\n=== {len(args.seeds)} seeds: mean +- std ===")
-    print(f"{'network':<8} {'MACs/image':>21} {'params':>17} {'accuracy':>15}")
+    summary.print(
+        f"resnet20 width {args.width} on digits, target {args.ratio:.0%} of the dense MACs, "
+        f"{len(args.seeds)} seeds"
+    )
+    summary.print(f"{'seed':>4} {'network':<8} {'MACs/image':>11} {'of dense':>8} {'params':>8} "
+                  f"{'accuracy':>8}")  # fmt: skip
+    for i, seed in enumerate(args.seeds):
+        for name, values in rows.items():
+            macs, params, acc = values[i]
+            share = macs / rows["dense"][i][0]
+            summary.print(
+                f"{seed:>4} {name:<8} {macs:>11,.0f} {share:>8.1%} {params:>8,} {acc:>8.2f}"
+            )
+    for line in per_seed:
+        summary.print(line)
+    summary.print(f"{'network':<8} {'MACs/image':>21} {'params':>17} {'accuracy':>15}")
     for name, values in rows.items():
         cols = list(zip(*values, strict=True))
         parts = []
         for col, fmt in zip(cols, (",.0f", ",.0f", ".2f"), strict=True):
             std = statistics.stdev(col) if len(col) > 1 else 0.0
             parts.append(f"{statistics.mean(col):{fmt}} +- {std:{fmt}}")
-        print(f"{name:<8} {parts[0]:>21} {parts[1]:>17} {parts[2]:>15}")
+        summary.print(f"{name:<8} {parts[0]:>21} {parts[1]:>17} {parts[2]:>15}")
     print(f"wall time {time.perf_counter() - start:.0f} s")
-
+    summary.save()
     if args.plot:
         plot(widths_per_seed, args.seeds, args.plot)
 

@@ -135,7 +135,7 @@ __all__ = [
 ]
 
 RATIOS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-"""Default width ratios of the candidates (PAPERS.md section 5)."""
+"""Default width ratios of the candidates (``docs/methods/tas.md``)."""
 
 _SEARCHABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -284,9 +284,9 @@ class TASArch(RewriterModule):
         elif self.training:
             depth = ((depth_logits.log_softmax(-1) + _gumbel(depth_logits)) / tau).softmax(-1)
         else:
-            depth = nn.functional.one_hot(
-                _argmax_last(depth_logits), depth_logits.shape[-1]
-            ).to(depth_logits.dtype)
+            depth = nn.functional.one_hot(_argmax_last(depth_logits), depth_logits.shape[-1]).to(
+                depth_logits.dtype
+            )
         return index, weight, depth
 
     # -- cost ---------------------------------------------------------------------------------
@@ -890,9 +890,10 @@ def _stages(gm: fx.GraphModule, opts: Tas, ctx: RewriteContext) -> list[_Stage]:
         if len(after) != 1:
             return None
         nxt = after[0]
-        if _shape_of(nodes[nxt.input]) != _shape_of(nodes[nxt.output]) or _shape_of(
-            nodes[nxt.output]
-        ) is None:
+        if (
+            _shape_of(nodes[nxt.input]) != _shape_of(nodes[nxt.output])
+            or _shape_of(nodes[nxt.output]) is None
+        ):
             return None  # a pooled shortcut: the block changes the shape and cannot be dropped
         inside = set(nxt.nodes)
         if not all(u.name in inside for u in nodes[block.output].users):
@@ -965,7 +966,9 @@ def tas_arch(gm: nn.Module) -> TASArch:
     found = [m for m in gm.modules() if isinstance(m, TASArch)]
     if len(found) != 1:
         what = "no tas_arch module" if not found else f"{len(found)} tas_arch modules"
-        raise RewriterError(f"expected one TAS architecture, found {what}; apply the tas pass first")
+        raise RewriterError(
+            f"expected one TAS architecture, found {what}; apply the tas pass first"
+        )
     return found[0]
 
 
