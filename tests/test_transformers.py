@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import rewriter as rw
+import rewriter.analysis.blocks
 import rewriter.analysis.channels
 from rewriter.analysis.flops import SOFTMAX_MACS, flops
 from rewriter.errors import OptionError, RewriterError, TraceError
@@ -450,3 +451,18 @@ def test_char_decoder_example_runs_and_prunes_half(tmp_path) -> None:
     dense_params, small_params = (int(rows[k][1].replace(",", "")) for k in ("dense", "pruned"))
     assert small_params < 0.6 * dense_params
     assert rows["pruned"][1:] == rows["pruned + fine-tuned"][1:]  # fine-tuning keeps the shape
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "vit"])
+def test_residual_blocks_of_pre_and_post_norm_transformers(lifted, name: str) -> None:
+    """Both residual adds of every layer are blocks, although attention reads side inputs
+    (the attention mask, rotary tables) that move the adds' dominators above the stream."""
+    _, _, gm, inputs = lifted[name]
+    net = rw.rewrite(gm, ["skip_gates"], inputs)
+    blocks = rw.analysis.blocks.residual_blocks(rw.rewrite(gm, [], inputs))
+    assert len(blocks) == 2 * hf_models.LAYERS and all(b.kind == "identity" for b in blocks)
+    for i, layer in enumerate(attention_layers(name)):  # attention block, then MLP block
+        attention, mlp = blocks[2 * i].branch, blocks[2 * i + 1].branch
+        assert layer["o"].replace(".", "_") in attention and layer["o"].replace(".", "_") not in mlp
+        assert layer["down"].replace(".", "_") in mlp
+    assert rw.report(net).passes[0].fired == 2 * hf_models.LAYERS

@@ -16,7 +16,10 @@ A *residual block* is an add of two tensors computed from one block input:
 The block input is the add's immediate dominator in the data-flow graph (the
 nearest node every path from the model inputs to the add passes through; nodes
 that do not depend on an input, such as parameters read with ``get_attr``, are
-left out). Operands are accepted when the add is ``operator.add``/``iadd``,
+left out). When that dominator is the virtual root because the branch also reads another
+model input (a transformer's attention mask), the block input is the operand the other
+operand depends on instead (an identity block; see ``_side_input_block``); run-time
+assertions left by ``torch.export`` may read branch nodes. Operands are accepted when the add is ``operator.add``/``iadd``,
 ``torch.add`` or ``Tensor.add``/``add_``/``__add__``/``__iadd__``.
 
 What this finds on the zoo: every basic and bottleneck block of the ResNets
@@ -175,8 +178,9 @@ def _branch(data: nx.DiGraph, operand: str, start: str, add: str) -> set[str] | 
                 region.add(pred)
                 stack.append(pred)
     allowed = region | {add}
-    if any(not set(data.successors(n)) <= allowed for n in region):
-        return None
+    for n in region:
+        if any(u not in allowed and not _is_check(_fx(data, u)) for u in data.successors(n)):
+            return None
     return region
 
 
@@ -274,9 +278,61 @@ def residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
         if len(operands) != 2 or operands[0] == operands[1]:
             continue
         start = idom.get(node.name)
-        if start is None or start is _ROOT:
+        if start is None:
             continue
-        block = _block(gm, data, order, start, node.name, operands)
+        if start is _ROOT:  # the add also depends on another model input (a mask)
+            block = _side_input_block(gm, data, order, node.name, operands)
+        else:
+            block = _block(gm, data, order, start, node.name, operands)
         if block is not None:
             blocks.append(block)
     return blocks
+
+
+_CHECKS = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar"}
+
+
+def _is_check(node: fx.Node) -> bool:
+    """A run-time assertion export left in the graph (no users, no value)."""
+    name = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+    return not node.users and name in _CHECKS
+
+
+def _side_input_block(
+    gm: fx.GraphModule, data: nx.DiGraph, order: dict[str, int], add: str, operands: list[str]
+) -> ResidualBlock | None:
+    """``x + f(x, side)`` where ``side`` comes from another model input (an attention mask).
+
+    The side input moves the add's dominator to the virtual root; here the block input is
+    the operand the other operand depends on, and the branch is every node on a path
+    between them. The branch must still be closed (read only inside the branch, by the
+    add, or by run-time assertions export left in the graph). Only identity blocks.
+    """
+    for index, start in enumerate(operands):
+        other = operands[1 - index]
+        before = nx.ancestors(data, other)
+        if start not in before:
+            continue
+        region = (nx.descendants(data, start) & before) | {other}
+        allowed = region | {add}
+        for n in region:
+            if any(u not in allowed and not _is_check(_fx(data, u)) for u in data.successors(n)):
+                return None
+        add_node = _fx(data, add)
+        scope = _scope(add_node, (_fx(data, n) for n in region))
+        output = add
+        users = list(add_node.users)
+        if len(users) == 1 and _is_activation(gm, users[0]):
+            outside = _containers(users[0])
+            if scope is None or outside is None or scope in outside:
+                output = users[0].name
+        return ResidualBlock(
+            input=start,
+            add=add,
+            output=output,
+            branch=tuple(sorted(region, key=order.__getitem__)),
+            shortcut=(),
+            kind="identity",
+            scope=scope,
+        )
+    return None
