@@ -10,7 +10,7 @@ the library-wide protocol, so a training step reads::
     out = gm(x)
     loss = F.cross_entropy(out, y) + rewriter.aux_losses(gm, targets=y)
 
-Methods (PAPERS.md section 6; ``alpha``, ``temperature``, ``multiplier`` and ``reduction``
+Methods (``docs/methods/distill.md``; ``alpha``, ``temperature``, ``multiplier`` and ``reduction``
 default per method, shown in brackets):
 
 * ``hinton`` [0.9, 4, 1, batchmean]: ``(1 - a) CE + a T^2 m KL(softmax(t/T) || softmax(s/T))``.
@@ -71,6 +71,8 @@ for :meth:`Distill.with_teacher` (the error says so); save :func:`strip` (the pl
 student) in that case. DDP: the teacher's buffers are broadcast from rank 0 with the other
 buffers (``broadcast_buffers=True``); they are identical on every rank anyway.
 
+``rewriter.analysis.flops`` counts the student only, and the channel analysis does not look
+inside the distiller (the channels it reads are not prunable): analyse and slim :func:`strip`.
 Running the pass on a model that already has a distiller is a no-op (noted in the report).
 Helpers: :func:`distiller`, :func:`strip`, :func:`self_teacher`, :func:`pretrain_autoencoder`;
 IE-DML (two students, each the other's teacher) is :class:`MutualIE` in
@@ -321,13 +323,17 @@ class Distill(Pass):
         "", "weights file (safetensors or state dict) for a zoo teacher", anything()
     )
     alpha: float | None = option(
-        None, "weight a of the soft term; default by method (0.9, 0.95, 0.1)", unit_interval()
+        None,
+        "weight a of the soft term; default by method (0.9, 0.95, 0.1)",
+        unit_interval(),
     )
     temperature: float | None = option(
         None, "softmax temperature T; default by method (4, 6, 20)", positive()
     )
     multiplier: float | None = option(
-        None, "Tf-KD multiplier m on the soft term; default by method (1, 50, 1)", nonnegative()
+        None,
+        "Tf-KD multiplier m on the soft term; default by method (1, 50, 1)",
+        nonnegative(),
     )
     reduction: Literal["batchmean", "mean"] | None = option(
         None,
