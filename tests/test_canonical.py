@@ -173,6 +173,23 @@ def test_multihead_attention_becomes_qkv_linears_and_visible_heads() -> None:
     assert _fired(net) == [2 * 6 + 2]  # q, k, v, out, two MLP linears per block; patch + head
 
 
+def test_explicit_heads_let_value_channels_be_slimmed_per_head() -> None:
+    torch.manual_seed(0)
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
+    gm = rw.trace(model)
+    analysis = channel_groups(gm, (x,))
+    value = analysis.group_of("blocks.0.attn.v_proj")
+    assert value.prunable and value.size == 4  # head dim 4, channel i of the 4 heads together
+    assert not analysis.group_of("blocks.0.attn.q_proj").prunable
+    assert "attention scale" in analysis.group_of("blocks.0.attn.k_proj").reason
+    rw.mask_channels(gm, analysis, {value.id: [1, 3]})
+    slim = rw.slim(gm, (x,))
+    assert slim.get_submodule("blocks.0.attn.v_proj").out_features == 8
+    assert slim.get_submodule("blocks.0.attn.out_proj").in_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
+
+
 def test_lifted_multihead_attention_keeps_a_packed_in_projection_layer(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = idioms.MHAViT().eval()
@@ -272,6 +289,36 @@ def test_unknown_ops_are_probed_and_never_cut_wrongly() -> None:
     with torch.no_grad():
         torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
     assert slim.get_submodule("c1").out_channels == 6
+
+
+# -- compile ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_canonical_idiom_graphs_compile_and_train() -> None:
+    """Fused norm-act, in-place and MHA models, canonicalised and masked: fullgraph compile
+    gives the eager outputs, and a few SGD steps on a fixed batch lower the loss."""
+    torch._dynamo.reset()
+    cases = [(idioms.make("fused_norm_act"), idioms.inputs(8)), (idioms.make("inplace"), idioms.inputs(8))]
+    torch.manual_seed(0)
+    cases.append((idioms.MHAViT().eval(), idioms.vit_inputs(8)))
+    for model, x in cases:
+        net = rw.rewrite(model, ["masks"], x)
+        compiled = torch.compile(net, fullgraph=True)
+        net.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+        net.train()
+        target = torch.arange(x.shape[0]) % 5
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        losses = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(compiled(x), target)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        assert losses[-1] < losses[0], losses
 
 
 # -- deep nets: the numeric check and SynFlow ---------------------------------------------------

@@ -33,6 +33,7 @@ from torch import fx, nn
 from rewriter.passes.masks import MASKED
 from rewriter.passes.norm import RepresentativeBatchNorm2d
 
+from ..canonical import HeadAttention
 from ..modules import RewriterModule
 from .coupling import Coupler, Handler, Tracked, Value, arg, describe
 from .rules_structure import (
@@ -228,6 +229,32 @@ def prelu(c: Coupler, node: fx.Node) -> Value:
     return x
 
 
+def head_attention(c: Coupler, node: fx.Node) -> Value:
+    """:class:`rewriter.canonical.HeadAttention`: ``(q, k, v) -> heads merged``.
+
+    Output channel ``h * dv + i`` is value channel ``h * dv + i``; heads must stay equal,
+    so value channel ``i`` of every head is one group channel (like a grouped conv's
+    balanced channels). Query and key channels are blocked: the attention scale is
+    ``1/sqrt(head dim)``, which removing them would change.
+    """
+    name = str(node.target)
+    heads = c.modules[name].num_heads
+    q, k, v = (c.tracked(a) for a in node.args[:3])
+    extra = [a for a in [*node.args[3:], *node.kwargs.values()] if isinstance(a, fx.Node)]
+    what = describe(node)
+    for t in (q, k):
+        if t is not None:
+            c.block(t.atoms, f"{what}: query/key channels set the attention scale 1/sqrt(head dim)")
+    shape = c.shape(node.args[2])
+    if v is None or extra or shape is None or v.dim != len(shape) - 1 or len(v.atoms) % heads:
+        c.block_inputs(node, f"{what}: its value channels are not followed per head")
+        return None
+    per = len(v.atoms) // heads
+    for j in range(1, heads):
+        c.union(v.atoms[:per], v.atoms[j * per : (j + 1) * per])
+    return Tracked(v.dim, v.atoms)
+
+
 def opaque(c: Coupler, node: fx.Node) -> Value:
     name = str(node.target)
     why = c.opaque.get(name)
@@ -402,6 +429,7 @@ MODULES: dict[type[nn.Module], Handler] = {
     **{cls: _elementwise(False) for cls in _MAKES_NONZERO},
     **{cls: per_channel for cls in _POOL_MODULES},  # returned indices: a tuple, blocked
 }
+MODULES[HeadAttention] = head_attention
 for _plain, _masked in MASKED.items():  # Masked* layers are their plain layer plus a mask
     MODULES[_masked] = MODULES[_plain]
 
