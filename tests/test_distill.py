@@ -380,6 +380,26 @@ def test_property_preserves_outputs_and_freezes_teacher(rm) -> None:
         assert torch.equal(v, frozen[k]) and v.grad is None, k
 
 
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rm=random_models())
+def test_property_tf_reg_and_ie_on_random_graphs(rm) -> None:
+    result = check_pass(("distill", {"method": "tf_reg"}), rm)
+    assert result.fired == 1 and distiller(result.gm).teacher is None
+    try:
+        result = check_pass(Distill.with_teacher(copy.deepcopy(rm.model), method="ie"), rm)
+    except rw.PassError as exc:  # the two refusals the pass documents
+        assert "no 4-D feature map" in str(exc) or "only 1 channel" in str(exc), exc
+        return
+    gm = result.gm
+    pretrain_autoencoder(gm, [rm.example_inputs[0]], epochs=1)
+    gm.train()
+    gm(*rm.example_inputs)
+    rw.aux_losses(gm).backward()
+    d = distiller(gm)
+    assert d.inherit[0].weight.grad is not None and d.explore[0].weight.grad is not None
+    assert not any(m.training for m in d.teacher.modules())
+
+
 # ---------------------------------------------------------------------------
 # IE-KD and feature KD: shapes may differ, gradients, frozen auto-encoder
 # ---------------------------------------------------------------------------
