@@ -317,6 +317,12 @@ def build_graph(
         raise OptionError(f"unknown front end {frontend!r}; choose one of {', '.join(FRONTENDS)}")
     split = split_inputs(example_inputs)
     leaves = list(leaves)
+    if frontend == "auto" and split is None and is_hf_model(model):
+        raise RewriterError(
+            f"{type(model).__name__} is a Hugging Face model: torch.fx cannot trace it, and the "
+            "export front end needs example inputs (a dict of keyword tensors such as "
+            "{'input_ids': ..., 'attention_mask': ...})"
+        )
     if frontend == "export" or (frontend == "auto" and is_hf_model(model) and split):
         if split is None:
             raise RewriterError(

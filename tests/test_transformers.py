@@ -109,6 +109,8 @@ def test_frontend_option_and_errors(lifted) -> None:
         rw.rewrite(nn.Linear(2, 2), [], torch.randn(1, 2), frontend="jit")
     with pytest.raises(RewriterError, match="needs example inputs"):
         build_graph(nn.Linear(2, 2), None, frontend="export")
+    with pytest.raises(RewriterError, match="Hugging Face model: .* needs example inputs"):
+        rw.rewrite(lifted["vit"][0], ["masks"])
     with pytest.raises(RewriterError, match="string keys"):
         split_inputs({0: torch.zeros(1)})
     with pytest.raises(RewriterError, match="takes tensors only"):
