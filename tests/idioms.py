@@ -375,3 +375,44 @@ def resnet50(seed: int = 0) -> nn.Module:
                 m.running_var.uniform_(0.5, 2.0)
         model.fc.weight.mul_(40.0)  # logits of magnitude ~50, as a trained ResNet-50 gives
     return model.eval()
+
+
+class ExplicitAttention(nn.Module):
+    """What tracing makes of ``nn.MultiheadAttention``: q/k/v/out linears and visible heads."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        from rewriter.canonical import HeadAttention
+
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.attention = HeadAttention(heads)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_proj(self.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+
+
+class PlainMHABlock(MHABlock):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads)
+        self.attn = ExplicitAttention(dim, heads)  # type: ignore[assignment]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def plain_vit(model: MHAViT) -> MHAViT:
+    """The plain twin of an :class:`MHAViT`, holding the same weights (in_proj split in three)."""
+    twin = MHAViT()
+    twin.blocks = nn.Sequential(*(PlainMHABlock(16, 4) for _ in range(len(model.blocks))))
+    state = {}
+    for key, value in model.state_dict().items():
+        if "in_proj" in key:
+            prefix, kind = key.rsplit(".", 1)
+            for i, which in enumerate("qkv"):
+                state[f"{prefix}.{which}_proj.{kind.removeprefix('in_proj_')}"] = value[i * 16 : (i + 1) * 16]
+        else:
+            state[key] = value
+    twin.load_state_dict(state, strict=True)
+    return twin.train(model.training)

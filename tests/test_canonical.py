@@ -240,6 +240,19 @@ def test_idioms_look_like_their_plain_twin(name: str, front: str, tmp_path: Path
         assert _fired(expected)[0] > 0, p
 
 
+def test_multihead_attention_vit_looks_like_its_explicit_twin() -> None:
+    torch.manual_seed(0)
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
+    plain = idioms.plain_vit(model)
+    gm, twin = rw.trace(model), rw.trace(plain)
+    with torch.no_grad():
+        assert torch.equal(gm(x), twin(x))
+    assert _groups(gm, x) == _groups(twin, x)
+    assert _blocks(gm) == _blocks(twin)
+    for p in ["masks", ("split", {"mode": "kels", "rate": 0.5}), ("magnitude", {"density": 0.5})]:
+        assert _fired(rw.rewrite(model, [p], x)) == _fired(rw.rewrite(plain, [p], x)), p
+
+
 @pytest.mark.parametrize("front", ["trace", "pt2"])
 @pytest.mark.parametrize("name", ["fused_norm_act", "functional", "inplace"])
 def test_slim_is_exact_on_idioms(name: str, front: str, tmp_path: Path) -> None:
