@@ -378,6 +378,8 @@ class Distill(Pass):
             raise ValueError(f"reduction must be 'batchmean' or 'mean', got {self.reduction!r}")
         if self.method == "tf_reg" and self.teacher:
             raise ValueError("tf_reg uses a virtual teacher; do not give a teacher")
+        if self.teacher and _is_factory(self.teacher):
+            raise ValueError(_FACTORY_REFUSED.format(spec=self.teacher))
         if self.teacher_weights and not self.teacher:
             raise ValueError("teacher_weights needs a teacher option (zoo:NAME)")
 
@@ -469,17 +471,27 @@ class Distill(Pass):
         )
 
 
+_FACTORY_REFUSED = (
+    "teacher {spec!r} names a factory; a pass option cannot import code. Build the teacher "
+    "in Python and use Distill.with_teacher(teacher, ...), or save it as an artifact "
+    "(rewriter.save) and give its path"
+)
+
+
+def _is_factory(spec: str) -> bool:
+    from rewriter import io
+
+    spec = spec.strip()
+    return not (spec.startswith("zoo:") or ":" not in spec or io.is_file_source(spec))
+
+
 def load_teacher(spec: str, weights: str = "") -> nn.Module:
     """The teacher named by a ``teacher`` option: a zoo model or a model file, never a factory."""
     from rewriter import io
 
     spec = spec.strip()
-    if not (spec.startswith("zoo:") or io.is_file_source(spec) or ":" not in spec):
-        raise RewriterError(
-            f"teacher {spec!r} names a factory; a pass option cannot import code. Build the "
-            "teacher in Python and use Distill.with_teacher(teacher, ...), or save it as an "
-            "artifact (rewriter.save) and give its path"
-        )
+    if _is_factory(spec):
+        raise RewriterError(_FACTORY_REFUSED.format(spec=spec))
     teacher = io.resolve_source(spec)
     if weights:
         state = io.load_weights(weights)
