@@ -579,6 +579,8 @@ def test_bad_options_are_option_errors() -> None:
         rw.make_pass(("distill", {"method": "tf_reg", "teacher": "zoo:mlp"}))
     with pytest.raises(rw.OptionError, match="method"):
         rw.make_pass(("distill", {"method": "fitnets"}))
+    with pytest.raises(rw.OptionError, match="not a zoo model"):
+        rw.make_pass(("distill", {"teacher": "zoo:resnet99"}))
     with pytest.raises(rw.OptionError, match="not both"):
         Distill.with_teacher(nn.Linear(2, 2), teacher="zoo:mlp")
 

@@ -380,6 +380,8 @@ class Distill(Pass):
             raise ValueError("tf_reg uses a virtual teacher; do not give a teacher")
         if self.teacher and _is_factory(self.teacher):
             raise ValueError(_FACTORY_REFUSED.format(spec=self.teacher))
+        if self.teacher and _unknown_zoo_name(self.teacher):
+            raise ValueError(f"teacher {self.teacher!r} is not a zoo model (rewriter.zoo.names())")
         if self.teacher_weights and not self.teacher:
             raise ValueError("teacher_weights needs a teacher option (zoo:NAME)")
 
@@ -483,6 +485,15 @@ def _is_factory(spec: str) -> bool:
 
     spec = spec.strip()
     return not (spec.startswith("zoo:") or ":" not in spec or io.is_file_source(spec))
+
+
+def _unknown_zoo_name(spec: str) -> bool:
+    from rewriter import io, zoo
+
+    spec = spec.strip()
+    if not spec.startswith("zoo:") and (":" in spec or io.is_file_source(spec)):
+        return False
+    return spec.removeprefix("zoo:") not in zoo.names()
 
 
 def load_teacher(spec: str, weights: str = "") -> nn.Module:
