@@ -60,23 +60,32 @@ class Variant:
     times: list[float] = field(default_factory=list)
 
 
-def has_aux(model: nn.Module) -> bool:
-    return any(callable(getattr(m, "aux_loss", None)) for m in model.modules())
+def aux_keys(model: nn.Module) -> set[str] | None:
+    """The context keys the inserted modules' ``aux_loss`` read (``None``: no losses)."""
+    modules = [m for m in model.modules() if callable(getattr(m, "aux_loss", None))]
+    if not modules:
+        return None
+    return set().union(*(getattr(type(m), "AUX_LOSS_KEYS", ()) or () for m in modules))
 
 
 def train_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], float]:
     compiled = torch.compile(model, fullgraph=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    aux = has_aux(model)
+    keys = aux_keys(model)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(compiled(x), y)
-        if aux:
-            loss = loss + rewriter.aux_losses(model, targets=y)
+        out = compiled(x)
+        if keys is None:
+            loss = F.cross_entropy(out, y)
+        else:
+            per_sample = F.cross_entropy(out, y, reduction="none")
+            loss = per_sample.mean()
+            context = {"targets": y, "per_sample_ce": per_sample.detach()}
+            loss = loss + rewriter.aux_losses(model, **{k: context[k] for k in keys})
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
