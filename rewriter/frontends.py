@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -347,6 +348,60 @@ def build_graph(
     return gm, None if split is None else positional(model, *split)
 
 
+def save_hf_folder(gm: nn.Module, model: nn.Module, path: str | Path) -> Path:
+    """Write a slim Llama-family graph as a Hugging Face folder (``config.json`` +
+    ``model.safetensors``) that ``from_pretrained`` reads without rewriter.
+
+    ``gm`` is the (slimmed) result of the export front end for ``model``, a Hugging Face
+    model whose config has ``num_key_value_heads`` and ``head_dim`` (Llama, Mistral,
+    Qwen2...). The config gets the slim widths (``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``); they must be the same in every
+    layer (Hugging Face configs have one value for all layers), else
+    :class:`RewriterError`. Masked layers are written with their effective weights
+    (``weight * weight_mask``); state-dict names are the model's own.
+    """
+    import safetensors.torch
+
+    config = copy.deepcopy(getattr(model, "config", None))
+    if config is None or not is_hf_model(model) or not hasattr(config, "num_key_value_heads"):
+        raise RewriterError(
+            "save_hf_folder() writes Llama-family Hugging Face models (configs with "
+            f"num_key_value_heads and head_dim); got {type(model).__name__}"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    widths: dict[str, set[int]] = {"q": set(), "k": set(), "mlp": set()}
+    for name, module in gm.named_modules():
+        if isinstance(module, nn.Linear):
+            for key, suffix in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"),
+                                ("mlp", "mlp.up_proj")):  # fmt: skip
+                if name.endswith(suffix):
+                    widths[key].add(module.out_features)
+    if any(len(v) != 1 for v in widths.values()):
+        raise RewriterError(
+            "save_hf_folder() needs the same width in every layer (a Hugging Face config has one "
+            f"value for all layers); found q_proj {sorted(widths['q'])}, k_proj "
+            f"{sorted(widths['k'])}, up_proj {sorted(widths['mlp'])} output widths"
+        )
+    config.num_attention_heads = widths["q"].pop() // head_dim
+    config.num_key_value_heads = widths["k"].pop() // head_dim
+    config.head_dim = head_dim
+    config.intermediate_size = widths["mlp"].pop()
+    state: dict[str, torch.Tensor] = {}
+    own = set(model.state_dict())
+    for name, tensor in gm.state_dict().items():
+        if name.endswith(".weight_mask"):
+            continue
+        mask = gm.state_dict().get(name.removesuffix("weight") + "weight_mask")
+        value = tensor * mask if name.endswith(".weight") and mask is not None else tensor
+        if name in own:
+            state[name] = value.detach().contiguous().clone()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.to_json_file(str(folder / "config.json"))
+    safetensors.torch.save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 __all__ = [
     "FRONTENDS",
     "build_graph",
@@ -356,5 +411,6 @@ __all__ = [
     "is_hf_model",
     "linearize_conv1d",
     "positional",
+    "save_hf_folder",
     "split_inputs",
 ]

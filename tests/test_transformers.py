@@ -523,3 +523,25 @@ def test_rewritten_decoder_trains_under_fsdp2_on_two_cpu_processes(tmp_path) -> 
     assert ranks[0]["losses"][0] != ranks[1]["losses"][0]  # different data on each rank
     for key, value in ranks[0]["state"].items():  # gradients were averaged: one model
         torch.testing.assert_close(value, ranks[1]["state"][key], rtol=0, atol=0)
+
+
+def test_slim_llama_as_a_hugging_face_folder(lifted, tmp_path) -> None:
+    from transformers import LlamaModel
+
+    from rewriter.frontends import save_hf_folder
+
+    model, kwargs, gm, inputs = lifted["llama"]
+    net = rw.rewrite(gm, ["masks"], inputs)
+    analysis = rw.analysis.channels.channel_groups(net, inputs)
+    small = rw.slim(net, inputs, rw.group_masks(analysis, half_of_every_group(analysis)))
+    folder = save_hf_folder(small, model, tmp_path / "slim")
+    back = LlamaModel.from_pretrained(folder).eval()  # plain transformers, no rewriter
+    assert (back.config.num_attention_heads, back.config.num_key_value_heads) == (2, 1)
+    assert back.config.intermediate_size == hf_models.MLP // 2
+    with torch.no_grad():
+        assert close({"last_hidden_state": back(**kwargs).last_hidden_state}, small(*inputs)) == 0.0
+    uneven = rw.slim(net, inputs, rw.group_masks(analysis, {analysis.prunable()[0].id: [1]}))
+    with pytest.raises(RewriterError, match="same width in every layer"):
+        save_hf_folder(uneven, model, tmp_path / "uneven")
+    with pytest.raises(RewriterError, match="Llama-family"):
+        save_hf_folder(small, lifted["bert"][0], tmp_path / "bert")
