@@ -29,8 +29,8 @@ exactly what :func:`derive` builds, up to float rounding.
 Depth: a *stage* is a chain of residual blocks in which every block after the first is an
 identity block of unchanged shape reading the previous block's output (and read by nothing
 else but the next block). A stage of ``L >= 2`` blocks has the
-candidate depths of the authors' code (``1..L`` for ``L <= 3``, else ``1, 3, 5, ...`` and
-``L``); the stage output becomes the sum of the block outputs at the candidate depths
+candidate depths of the authors' code, ``L // 3``, ``2 * L // 3`` and ``L`` (``1, 2`` for
+``L = 2``); the stage output becomes the sum of the block outputs at the candidate depths
 weighted by Gumbel-softmax probabilities (training) or by the one-hot argmax (eval; ties
 go to the deepest). ``depth=false`` searches widths only.
 
@@ -148,13 +148,15 @@ def candidate_widths(channels: int, ratios: Sequence[float] = RATIOS) -> list[in
 def depth_choices(blocks: int) -> list[int]:
     """Candidate depths of a stage of ``blocks`` blocks (the authors' ``get_depth_choices``).
 
-    ``1..blocks`` for up to 3 blocks, else ``1, 3, 5, ...`` and ``blocks``; a single block
-    has no choice (``[1]``).
+    The sorted unique ``blocks // 3``, ``2 * blocks // 3`` and ``blocks``: ``[1, 2, 3]`` for
+    3 blocks, ``[3, 6, 9]`` for 9; ``[1, 2]`` for 2 blocks (the authors' ``(1, 1, 2)``); a
+    single block has no choice (``[1]``).
     """
-    if blocks <= 3:
+    if blocks < 1:
+        raise ValueError(f"a stage has at least one block, got {blocks}")
+    if blocks <= 2:
         return list(range(1, blocks + 1))
-    choices = list(range(1, blocks + 1, 2))
-    return choices if choices[-1] == blocks else [*choices, blocks]
+    return sorted({blocks // 3, 2 * blocks // 3, blocks})
 
 
 def _gumbel(like: Tensor) -> Tensor:

@@ -95,8 +95,10 @@ def test_candidate_widths_and_depth_choices_by_hand():
     assert candidate_widths(10, (0.5, 1.0)) == [5, 10]
     assert depth_choices(1) == [1]
     assert depth_choices(3) == [1, 2, 3]
+    assert depth_choices(2) == [1, 2]
+    assert depth_choices(4) == [1, 2, 4]
     assert depth_choices(5) == [1, 3, 5]
-    assert depth_choices(6) == [1, 3, 5, 6]
+    assert depth_choices(9) == [3, 6, 9]
 
 
 def test_temperature_schedule_is_linear_from_max_to_min():
