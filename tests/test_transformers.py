@@ -308,6 +308,10 @@ def test_gqa_before_expected_groups_and_fixed_head_counts() -> None:
     ]  # fmt: skip
     assert analysis.prunable() == [heads]
 
+    mqa = rw.analysis.channels.channel_groups(rw.trace(TinyGQA(kv_heads=1)), (x,))
+    assert mqa.group_of("o", "in").size == 1  # multi-query: all 8 heads are one unit
+    assert mqa.group_of("k").members_of("q", "out")[0].span == 32
+
     class Fixed(TinyGQA):  # the head count written as a number cannot follow slimming
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             q = self.q(x).view(2, 5, 8, 4)

@@ -72,6 +72,8 @@ def head_reshape(c: Coupler, node: fx.Node) -> Value:
     if [k for k in range(a_lo, a_hi) if shape_in[k] != 1] != [x.dim]:
         return reshape(c, node)
     big = [k for k in range(b_lo, b_hi) if shape_out[k] != 1]
+    if len(big) == 1 and big[0] > 0 and shape_out[big[0] - 1] == 1 and raw[big[0] - 1] == -1:
+        big = [big[0] - 1, big[0]]  # one head (multi-query attention's k and v)
     if len(big) != 2:
         return reshape(c, node)
     h, d = big
