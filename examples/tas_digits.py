@@ -8,7 +8,7 @@ blocks) is trained normally: this is the dense network and the teacher. Then, as
    with two optimizers in alternation, the weights (SGD) on one half of the training set with
    the cross-entropy, the architecture logits (Adam) on the other half with the
    cross-entropy plus the cost loss from ``rewriter.aux_losses``; the Gumbel-softmax
-   temperature falls linearly from 10 to 0.1 over the search epochs. The argmax architecture
+   temperature falls from 10 to 0.1 over the search epochs (cosine, as the authors). The argmax architecture
    jumps from step to step, so after the search the architecture steps continue alone
    (weights fixed, at most ``--settle`` steps) until its MACs are inside the cost loss's zero
    band ``[ratio - 0.05, ratio]`` of the dense MACs (our addition, printed);

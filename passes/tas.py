@@ -29,8 +29,8 @@ exactly what :func:`derive` builds, up to float rounding.
 Depth: a *stage* is a chain of residual blocks in which every block after the first is an
 identity block of unchanged shape reading the previous block's output (and read by nothing
 else but the next block). A stage of ``L >= 2`` blocks has the
-candidate depths of the authors' code, ``L // 3``, ``2 * L // 3`` and ``L`` (``1, 2`` for
-``L = 2``); the stage output becomes the sum of the block outputs at the candidate depths
+candidate depths of the authors' CIFAR ResNet search model (``1..L`` for ``L <= 3``, else
+``1, 3, 5, ...`` and ``L``); the stage output becomes the sum of the block outputs at the candidate depths
 weighted by Gumbel-softmax probabilities (training) or by the one-hot argmax (eval; ties
 go to the deepest). ``depth=false`` searches widths only.
 
@@ -73,8 +73,8 @@ Deviations from the paper and the authors' code:
   pad the narrower operand with zeros);
 * the mix keeps full-width tensors (zeros above the larger candidate) instead of changing the
   tensor width every step, so compiled training does not recompile;
-* the expected cost of a block is weighted by ``P(depth >= its position)`` (the authors' code
-  weights a block's cost by the probability of its own candidate depth only);
+* the logits start at zero (the authors draw them from ``N(0, 0.01)``), so that the rewritten
+  model starts as the original network in eval mode;
 * the cost is MACs per sample as :func:`rewriter.analysis.flops.flops` counts them (every
   node, not only convs and the classifier), and the tolerance is a fraction of the dense MACs.
 
@@ -146,17 +146,18 @@ def candidate_widths(channels: int, ratios: Sequence[float] = RATIOS) -> list[in
 
 
 def depth_choices(blocks: int) -> list[int]:
-    """Candidate depths of a stage of ``blocks`` blocks (the authors' ``get_depth_choices``).
+    """Candidate depths of a stage of ``blocks`` blocks.
 
-    The sorted unique ``blocks // 3``, ``2 * blocks // 3`` and ``blocks``: ``[1, 2, 3]`` for
-    3 blocks, ``[3, 6, 9]`` for 9; ``[1, 2]`` for 2 blocks (the authors' ``(1, 1, 2)``); a
-    single block has no choice (``[1]``).
+    As the authors' CIFAR ResNet search model (``get_depth_choices`` of their
+    ``SearchCifarResNet.py``): ``1..blocks`` for up to 3 blocks, else ``1, 3, 5, ...`` and
+    ``blocks``; a single block has no choice (``[1]``).
     """
     if blocks < 1:
         raise ValueError(f"a stage has at least one block, got {blocks}")
-    if blocks <= 2:
+    if blocks <= 3:
         return list(range(1, blocks + 1))
-    return sorted({blocks // 3, 2 * blocks // 3, blocks})
+    choices = list(range(1, blocks + 1, 2))
+    return choices if choices[-1] == blocks else [*choices, blocks]
 
 
 def _gumbel(like: Tensor) -> Tensor:
@@ -987,14 +988,29 @@ def weight_parameters(gm: nn.Module) -> list[nn.Parameter]:
 
 
 def temperature_schedule(
-    epoch: int, epochs: int, tau_max: float = 10.0, tau_min: float = 0.1
+    epoch: int,
+    epochs: int,
+    tau_max: float = 10.0,
+    tau_min: float = 0.1,
+    mode: str = "cosine",
 ) -> float:
-    """TAS's linear schedule: ``tau_max`` at epoch 0 down to ``tau_min`` at epoch ``epochs - 1``."""
+    """The Gumbel-softmax temperature of ``epoch`` (0-based) of ``epochs``.
+
+    ``"cosine"`` (default, the authors' ``set_tau``): ``tau_min + (tau_max - tau_min) *
+    (1 + cos(pi * t)) / 2`` with ``t = epoch / (epochs - 1)``; ``"linear"``: from ``tau_max``
+    straight down to ``tau_min``. Both give ``tau_max`` at the first epoch and ``tau_min`` at
+    the last.
+    """
     if epochs < 1 or not 0 <= epoch < epochs:
         raise ValueError(f"need 0 <= epoch < epochs, got epoch {epoch} of {epochs}")
     if not 0 < tau_min <= tau_max:
         raise ValueError(f"need 0 < tau_min <= tau_max, got {tau_min} and {tau_max}")
-    return tau_max - (tau_max - tau_min) * epoch / max(epochs - 1, 1)
+    t = epoch / max(epochs - 1, 1)
+    if mode == "cosine":
+        return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * t)) / 2
+    if mode == "linear":
+        return tau_max - (tau_max - tau_min) * t
+    raise ValueError(f"mode must be 'cosine' or 'linear', got {mode!r}")
 
 
 def set_temperature(gm: nn.Module, tau: float) -> None:

@@ -96,20 +96,25 @@ def test_candidate_widths_and_depth_choices_by_hand():
     assert depth_choices(1) == [1]
     assert depth_choices(3) == [1, 2, 3]
     assert depth_choices(2) == [1, 2]
-    assert depth_choices(4) == [1, 2, 4]
+    assert depth_choices(4) == [1, 3, 4]
     assert depth_choices(5) == [1, 3, 5]
-    assert depth_choices(9) == [3, 6, 9]
+    assert depth_choices(9) == [1, 3, 5, 7, 9]
+    assert depth_choices(6) == [1, 3, 5, 6]
 
 
-def test_temperature_schedule_is_linear_from_max_to_min():
+def test_temperature_schedule_cosine_and_linear():
     assert temperature_schedule(0, 10) == 10.0
     assert temperature_schedule(9, 10) == pytest.approx(0.1)
-    assert temperature_schedule(3, 4, tau_max=4.0, tau_min=1.0) == pytest.approx(1.0)
-    assert temperature_schedule(1, 3, tau_max=4.0, tau_min=2.0) == pytest.approx(3.0)
+    assert temperature_schedule(2, 5, tau_max=4.0, tau_min=2.0) == pytest.approx(3.0)  # t = 1/2
+    # t = 1/3: 2 + 2 * (1 + cos(pi / 3)) / 2 = 3.5
+    assert temperature_schedule(1, 4, tau_max=4.0, tau_min=2.0) == pytest.approx(3.5)
+    assert temperature_schedule(1, 4, 4.0, 1.0, mode="linear") == pytest.approx(3.0)
     with pytest.raises(ValueError, match="epoch"):
         temperature_schedule(10, 10)
     with pytest.raises(ValueError, match="tau_min"):
         temperature_schedule(0, 10, tau_max=1.0, tau_min=2.0)
+    with pytest.raises(ValueError, match="mode"):
+        temperature_schedule(0, 10, mode="step")
 
 
 # -- structure ------------------------------------------------------------------------------
