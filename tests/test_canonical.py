@@ -218,8 +218,14 @@ def test_optional_arguments_and_sizes_flow_through_every_analysis() -> None:
 # -- parity with the plain twin -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("front", ["trace", "pt2"])
-@pytest.mark.parametrize("name", NAMES)
+PARITY = [
+    pytest.param(name, front, marks=[pytest.mark.slow] if front == "pt2" and name != "inplace" else [])
+    for name in NAMES
+    for front in ("trace", "pt2")
+]  # the default run lifts one program (in-place aten ops); the slow run lifts them all
+
+
+@pytest.mark.parametrize(("name", "front"), PARITY)
 def test_idioms_look_like_their_plain_twin(name: str, front: str, tmp_path: Path) -> None:
     model, plain = _source(name)
     if front == "pt2" and _idiom(name).train_trace:
@@ -309,13 +315,11 @@ def test_unknown_ops_are_probed_and_never_cut_wrongly() -> None:
 
 @pytest.mark.slow
 def test_canonical_idiom_graphs_compile_and_train() -> None:
-    """Fused norm-act, in-place and MHA models, canonicalised and masked: fullgraph compile
-    gives the eager outputs, and a few SGD steps on a fixed batch lower the loss."""
+    """A fused norm-act model, canonicalised and masked: fullgraph compile gives the eager
+    outputs, and a few SGD steps on a fixed batch lower the loss. (One model: inductor
+    compiles take most of a minute each on a busy 2-core machine.)"""
     torch._dynamo.reset()
-    cases = [(idioms.make("fused_norm_act"), idioms.inputs(8)), (idioms.make("inplace"), idioms.inputs(8))]
-    torch.manual_seed(0)
-    cases.append((idioms.MHAViT().eval(), idioms.vit_inputs(8)))
-    for model, x in cases:
+    for model, x in [(idioms.make("fused_norm_act"), idioms.inputs(8))]:
         net = rw.rewrite(model, ["masks"], x)
         compiled = torch.compile(net, fullgraph=True)
         net.eval()
@@ -325,7 +329,7 @@ def test_canonical_idiom_graphs_compile_and_train() -> None:
         target = torch.arange(x.shape[0]) % 5
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
         losses = []
-        for _ in range(5):
+        for _ in range(3):
             optimizer.zero_grad()
             loss = F.cross_entropy(compiled(x), target)
             loss.backward()
