@@ -52,7 +52,8 @@ of a rewriter artifact or a ``.pt2`` program) is deep-copied into the distiller 
 **frozen**: its parameters become buffers (:func:`rewriter.passes.distill.ie.freeze`), so
 ``gm.parameters()`` and therefore the optimizer and DDP never see them, while
 ``state_dict()`` saves them (``<distill>.teacher.*``); it always stays in eval mode
-(``gm.train()`` does not reach it) and runs under ``torch.no_grad()``. Factory teachers
+(``gm.train()`` does not reach it) and runs under ``torch.no_grad()``, in the student's eval
+mode too (so ``aux_losses`` works on validation batches; deploy :func:`strip`). Factory teachers
 (``package.module:function``) are refused as options, even with ``--trust-source`` (which
 covers the model source, not pass options): a pipeline file must not make us import code;
 build such a teacher in Python and use :meth:`Distill.with_teacher`. The
