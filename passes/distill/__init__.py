@@ -66,10 +66,10 @@ are dropped by :func:`strip`.
 Save and load: ``rewriter.save`` stores the rewritten graph as data, so the artifact holds
 the distiller and the frozen teacher (its tensors and, for torch, zoo and rewriter classes,
 its structure), whichever way the teacher was given; ``rewriter.load`` rebuilds it without
-the original teacher. A teacher of a class of your own cannot be stored as data: such an
-artifact is loaded by replaying the pipeline, which works for a ``teacher`` option but not
-for :meth:`Distill.with_teacher` (the error says so); save :func:`strip` (the plain
-student) in that case. DDP: the teacher's buffers are broadcast from rank 0 with the other
+the original teacher. A teacher of a class of your own is not stored as data (it is user
+code): load such an artifact with ``rewriter.load(path, model=gm)``, ``gm`` holding the
+teacher at the same name (the distilled model of your script), or save :func:`strip` (the
+plain student). DDP: the teacher's buffers are broadcast from rank 0 with the other
 buffers (``broadcast_buffers=True``); they are identical on every rank anyway.
 
 ``rewriter.analysis.flops`` counts the student only, and the channel analysis does not look
@@ -390,8 +390,8 @@ class Distill(Pass):
     def with_teacher(cls, teacher: nn.Module, /, **options: Any) -> Distill:
         """This pass with a teacher module from Python (deep-copied and frozen at rewrite time).
 
-        ``rewriter.save`` stores the teacher with the graph; a pipeline replay (artifacts
-        whose graph could not be stored as data) cannot rebuild it and says so.
+        ``rewriter.save`` stores the teacher with the graph when its class is a torch, zoo
+        or rewriter class; a teacher of your own class needs ``rewriter.load(path, model=gm)``.
         """
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"with_teacher expects an nn.Module, got {type(teacher).__name__}")
