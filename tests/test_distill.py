@@ -813,3 +813,26 @@ def test_ddp_trains_a_distilled_student(tmp_path) -> None:
     assert first["teacher_unchanged"] and second["teacher_unchanged"]
     for name, value in first["params"].items():
         torch.testing.assert_close(value, second["params"][name], rtol=0, atol=0, msg=name)
+
+
+class WrappedTeacher(nn.Module):
+    """A teacher of a user class: stored as an opaque module, not as data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = zoo.create("digits_cnn", width=8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) * 2.0
+
+
+def test_user_class_teacher_loads_with_the_model(tmp_path) -> None:
+    student, _, x = student_and_teacher()
+    gm = rw.rewrite(student, [Distill.with_teacher(WrappedTeacher())], x)
+    rw.save(gm, tmp_path / "kd.safetensors")
+    with pytest.raises(rw.ArtifactError, match="fc_distill.teacher"):
+        rw.load(tmp_path / "kd.safetensors")  # user code is not data
+    loaded = rw.load(tmp_path / "kd.safetensors", model=gm)
+    assert isinstance(distiller(loaded).teacher, WrappedTeacher)
+    for k, v in gm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
