@@ -304,7 +304,7 @@ def record_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
     """``node.meta["tensor_meta"]`` of every node, like ``rewriter.manager._propagate_shapes``.
 
     The same eval-mode, no-grad forward through ``torch.fx``'s shape propagation, with the
-    same :class:`TensorMetadata`; the memory format of a plain strided tensor is read with
+    same :class:`TensorMetadata` (``None`` on nodes whose value is not a tensor); the memory format of a plain strided tensor is read with
     ``Tensor.is_contiguous(memory_format=...)`` (in C++) instead of torch's Python
     reference, which was a quarter of the propagation's time on small models. Other
     tensors (sparse, quantized) take torch's own path. Training flags are restored.
@@ -353,8 +353,7 @@ class _FastShapeProp(ShapeProp):
             return obj
 
         value = fx.node.map_aggregate(result, meta)
-        if found:
-            n.meta["tensor_meta"] = value
+        n.meta["tensor_meta"] = value if found else None  # None: shapes known, not a tensor
         n.meta["type"] = type(result)
         return result
 
