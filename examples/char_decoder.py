@@ -20,7 +20,6 @@ and MACs (``rewriter.analysis.flops``, one 64-character window). Run::
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sysconfig
@@ -31,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from summary import Summary, parser  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import rewriter as rw  # noqa: E402
@@ -112,11 +112,12 @@ def count(model: nn.Module, ids: Tensor) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--finetune", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--steps", type=int, default=600, help="training steps")
+    ap.add_argument("--finetune", type=int, default=200, help="fine-tuning steps after pruning")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    summary = Summary("char_decoder", ap, args)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
@@ -125,7 +126,7 @@ def main() -> None:
     chars = sorted({ch for ch in train_text if ch.isascii() and ch.isprintable()} | {"\n", "?"})
     vocab = {ch: i for i, ch in enumerate(chars)}
     train_data, valid_data = encode(train_text, vocab), encode(valid_text, vocab)
-    print(f"text: {len(train_data):,} training / {len(valid_data):,} validation characters "
+    summary.print(f"text: {len(train_data):,} training / {len(valid_data):,} validation characters "
           f"({len(TRAIN_FILES)} stdlib modules / {VALID_FILE}), vocabulary {len(vocab)}")  # fmt: skip
 
     config = LlamaConfig(
@@ -157,12 +158,13 @@ def main() -> None:
     train(small, train_data, args.finetune, 1e-3, args.seed + 1)
     rows.append(("pruned + fine-tuned", perplexity(small, valid_data), *count(small, window)))
 
-    print(f"pruned: query heads per layer {heads}, kv heads {kv} (of 4 and 2), "
+    summary.print(f"pruned: query heads per layer {heads}, kv heads {kv} (of 4 and 2), "
           f"MLP {[small.get_submodule(f'model.layers.{i}.mlp.up_proj').out_features for i in range(2)]}"
           " (of 128)")  # fmt: skip
-    print(f"{'model':<20} {'val perplexity':>14} {'parameters':>11} {'MACs/window':>12}")
+    summary.print(f"{'model':<20} {'val perplexity':>14} {'parameters':>11} {'MACs/window':>12}")
     for name, ppl, params, macs in rows:
-        print(f"{name:<20} {ppl:>14.2f} {params:>11,} {macs:>12,}")
+        summary.print(f"{name:<20} {ppl:>14.2f} {params:>11,} {macs:>12,}")
+    summary.save()
 
 
 if __name__ == "__main__":

@@ -447,11 +447,13 @@ def test_char_decoder_example_runs_and_prunes_half(tmp_path) -> None:
     script = Path(__file__).parent.parent / "examples" / "char_decoder.py"
     run = subprocess.run(
         [sys.executable, str(script), "--steps", "20", "--finetune", "5"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert "query heads per layer [2, 2], kv heads [1, 1]" in out and "MLP [64, 64]" in out
+    summary = (tmp_path / "out" / "char_decoder.txt").read_text().splitlines()  # not recorded
+    assert summary[-4:] == out.splitlines()[-4:] and not any("trained" in s for s in summary)
     rows = {line[:20].strip(): line[20:].split() for line in out.splitlines()[-3:]}
     assert set(rows) == {"dense", "pruned", "pruned + fine-tuned"}
     dense_params, small_params = (int(rows[k][1].replace(",", "")) for k in ("dense", "pruned"))
