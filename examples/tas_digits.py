@@ -52,6 +52,7 @@ from rewriter.passes.tas import (
     architecture,
     derive,
     expected_flops,
+    in_target_band,
     kd_student,
     set_temperature,
     tas_arch,
@@ -141,9 +142,8 @@ def search(
     # Settle: the argmax jumps between architectures from step to step (every group's logits
     # move together under Adam), so continue the architecture steps alone, weights fixed,
     # until the argmax is inside the cost loss's zero band.
-    low = ratio - arch.tolerance
     steps = 0
-    while not low <= float(arch.argmax_flops()) / arch.dense_macs <= ratio and steps < settle:
+    while not in_target_band(gm) and steps < settle:
         a_b = arch_idx[torch.randint(len(arch_idx), (64,), generator=gen)]
         a_opt.zero_grad()
         (F.cross_entropy(gm(x_tr[a_b]), y_tr[a_b]) + rw.aux_losses(gm)).backward()
@@ -161,7 +161,7 @@ def uniform(model: nn.Module, x: Tensor, target_macs: float) -> fx.GraphModule:
 
     def build(r: float) -> fx.GraphModule:
         drops = {g.id: range(max(1, round(r * g.size)), g.size) for g in analysis.prunable()}
-        return rw.slim(gm, x, rw.group_masks(analysis, drops))
+        return rw.slim(gm, x, rw.group_masks(analysis, drops), analysis=analysis)
 
     lo, hi = 0.05, 1.0
     for _ in range(20):

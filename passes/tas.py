@@ -81,7 +81,8 @@ Deviations from the paper and the authors' code:
 Training-time functions (all take the rewritten GraphModule): :func:`arch_parameters` /
 :func:`weight_parameters` (for the two optimizers the paper alternates),
 :func:`temperature_schedule` and :func:`set_temperature`, :func:`expected_flops`,
-:func:`cost_loss`, :func:`architecture` (the argmax widths and depths) and :func:`derive`, the
+:func:`cost_loss`, :func:`in_target_band`, :func:`architecture` (the argmax widths and depths)
+and :func:`derive`, the
 physically slim network of the argmax architecture.
 """
 
@@ -127,6 +128,7 @@ __all__ = [
     "depth_choices",
     "derive",
     "expected_flops",
+    "in_target_band",
     "kd_student",
     "set_temperature",
     "tas_arch",
@@ -1023,6 +1025,14 @@ def set_temperature(gm: nn.Module, tau: float) -> None:
 def expected_flops(gm: nn.Module) -> Tensor:
     """Expected MACs per sample under the softmax of the logits (differentiable, float64)."""
     return tas_arch(gm).expected_flops()
+
+
+def in_target_band(gm: nn.Module) -> bool:
+    """Whether the argmax architecture's MACs lie in ``[flops_ratio - tolerance, flops_ratio]``
+    of the dense MACs (where the cost loss is zero)."""
+    arch = tas_arch(gm)
+    ratio = float(arch.argmax_flops()) / arch.dense_macs
+    return arch.flops_ratio - arch.tolerance <= ratio <= arch.flops_ratio
 
 
 def cost_loss(gm: nn.Module) -> Tensor:
