@@ -990,9 +990,12 @@ def deep_net(depth: int = 24) -> nn.Module:
     return model.eval()
 
 
-def test_numeric_check_accepts_float32_rounding_of_a_deep_net_and_catches_a_sign_flip() -> None:
-    model, x = deep_net(), inputs()
-    folded = rw.rewrite(model, ["test_engine_fold"], x)  # passes the default check
+@pytest.mark.parametrize("float64", [False, True])
+def test_numeric_check_accepts_float32_rounding_of_a_deep_net_and_catches_a_sign_flip(
+    float64: bool,
+) -> None:
+    model, x, checks = deep_net(), inputs(), rw.Checks(float64=float64)
+    folded = rw.rewrite(model, ["test_engine_fold"], x, checks=checks)  # passes the check
     assert rw.report(folded).passes[0].fired == 24
     with torch.no_grad():
         ref, got = model(*x), folded(*x)
@@ -1000,17 +1003,18 @@ def test_numeric_check_accepts_float32_rounding_of_a_deep_net_and_catches_a_sign
     # the same function, but float32 rounding differs by more than a fixed atol allows
     assert not torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-5 * ref.abs().max())
-    with pytest.raises(rw.PassError, match="compared in float64") as info:
-        rw.rewrite(model, ["test_engine_flip"], x)
+    where = "compared in float64" if float64 else "x output magnitude"
+    with pytest.raises(rw.PassError, match=where) as info:
+        rw.rewrite(model, ["test_engine_flip"], x, checks=checks)
     assert info.value.pass_name == "test_engine_flip"
-    with pytest.raises(rw.PassError, match="compared in float64"):
-        rw.rewrite(model, ["test_engine_fold", "test_engine_flip"], x)
+    with pytest.raises(rw.PassError, match=where):
+        rw.rewrite(model, ["test_engine_fold", "test_engine_flip"], x, checks=checks)
 
 
 def test_numeric_check_restores_dtypes_and_storage() -> None:
     model, x = deep_net(4), inputs()
-    net = rw.rewrite(model, ["masks", "rbn"], x)
+    net = rw.rewrite(model, ["masks", "rbn"], x, checks=rw.Checks(float64=True))
     assert {t.dtype for t in net.state_dict().values() if t.is_floating_point()} == {torch.float32}
     pointers = {k: t.data_ptr() for k, t in net.state_dict().items()}
-    rw.rewrite(net, ["test_engine_probe"], x)  # works on a copy; net itself is unchanged
+    rw.rewrite(net, ["test_engine_probe"], x, checks=rw.Checks(float64=True))  # on a copy
     assert {k: t.data_ptr() for k, t in net.state_dict().items()} == pointers
