@@ -83,10 +83,10 @@ def trace(
     automatically; ``opaque_modules(gm)`` lists them with the reason.
     Raises ``TraceError`` when the model's own ``forward`` cannot be traced.
 
-    Arguments of ``forward`` after the first whose default is ``None``, a bool, a number
-    or a string (``forward(self, x, mask=None)``) are traced with that default unless
-    ``concrete_args`` says otherwise, so ``if mask is not None`` takes the default's
-    branch. The graph is then canonicalised (:func:`rewriter.canonical.canonicalize`:
+    Arguments of ``forward`` after the first whose default is ``None``
+    (``forward(self, x, mask=None)``) are traced as ``None`` unless ``concrete_args`` says
+    otherwise, so ``if mask is not None`` takes the default's branch; calling the result
+    with a tensor there fails fx's ``None`` assertion instead of being ignored. The graph is then canonicalised (:func:`rewriter.canonical.canonicalize`:
     functional layers on a module's own parameters become modules, in-place ops become
     out-of-place, ``nn.MultiheadAttention`` becomes explicit); ``canonical=False`` skips
     that step.
@@ -141,7 +141,7 @@ def trace(
 
 
 def _constant_defaults(model: nn.Module) -> dict[str, Any] | None:
-    """``forward``'s arguments (after the first) with a constant default, by name."""
+    """``forward``'s arguments (after the first) whose default is ``None``, by name."""
     if isinstance(model, fx.GraphModule):
         return None
     try:
@@ -149,10 +149,9 @@ def _constant_defaults(model: nn.Module) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         return None
     out = {
-        p.name: p.default
+        p.name: None
         for p in params[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is None
     }
     return out or None
 
