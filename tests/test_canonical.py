@@ -208,6 +208,10 @@ def test_lifted_multihead_attention_keeps_a_packed_in_projection_layer(tmp_path:
 def test_optional_arguments_and_sizes_flow_through_every_analysis() -> None:
     model, plain = _source("view_flatten")
     x = idioms.inputs()
+    gm = rw.trace(model)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(AssertionError, match="specialized to have value None"):
+        gm(x, torch.tensor(2.0))  # traced with scale=None: a tensor there is refused, not ignored
     for p in [("split", {"mode": "kels", "rate": 0.5}), ("synflow", {"density": 0.5})]:
         net = rw.rewrite(model, [p], x)
         assert _fired(net) == _fired(rw.rewrite(plain, [p], x)), p
