@@ -346,6 +346,9 @@ class Partition:
         self.pending = (a, b, n)
 
     def _union(self, a: int, b: int, n: int) -> None:
+        if self.length.get(a) == n and self.length.get(b) == n:  # two whole pieces
+            self.join(a, b)
+            return
         for x in (a, a + n, b, b + n):
             self.cut(x)
         while True:  # cut both ranges at the same offsets (a cut may cut other pieces)
