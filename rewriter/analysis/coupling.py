@@ -302,6 +302,8 @@ class Partition:
 
     def cut(self, atom: int) -> None:
         """Make ``atom`` the first atom of a piece (its whole class is split alike)."""
+        if atom in self.length:  # already a piece start (pieces are only ever split)
+            return
         self.flush()
         if atom <= 0 or atom >= self.end:
             return
