@@ -222,15 +222,22 @@ def test_optional_arguments_and_sizes_flow_through_every_analysis() -> None:
 # -- parity with the plain twin -----------------------------------------------------------------
 
 
+FAST = ["masks", "rbn", ("split", {"mode": "kels", "rate": 0.5}), "skip_gates"]
 PARITY = [
-    pytest.param(name, front, marks=[pytest.mark.slow] if front == "pt2" and name != "inplace" else [])
-    for name in NAMES
-    for front in ("trace", "pt2")
-]  # the default run lifts one program (in-place aten ops); the slow run lifts them all
+    *(pytest.param(name, "trace", FAST, id=f"{name}-trace-fast") for name in NAMES),
+    pytest.param("inplace", "pt2", FAST, id="inplace-pt2-fast"),
+    *(
+        pytest.param(name, front, PASSES, id=f"{name}-{front}", marks=pytest.mark.slow)
+        for name in NAMES
+        for front in ("trace", "pt2")
+    ),
+]  # the default run: four passes, one lifted program (in-place aten ops); slow: everything
 
 
-@pytest.mark.parametrize(("name", "front"), PARITY)
-def test_idioms_look_like_their_plain_twin(name: str, front: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "front", "passes"), PARITY)
+def test_idioms_look_like_their_plain_twin(
+    name: str, front: str, passes: list, tmp_path: Path
+) -> None:
     model, plain = _source(name)
     if front == "pt2" and _idiom(name).train_trace:
         model.eval()  # export a drop-path model for inference: its branch is the identity
@@ -242,7 +249,7 @@ def test_idioms_look_like_their_plain_twin(name: str, front: str, tmp_path: Path
 
     assert _groups(gm, x) == _groups(twin, x)
     assert _blocks(gm) == _blocks(twin)
-    for p in PASSES:
+    for p in passes:
         if front == "pt2" and name == "view_flatten" and p[0] == "synflow":
             continue  # the program fixes x.size(0) to the export batch; SynFlow feeds a batch of 1
         got, expected = rw.rewrite(source, [p], x), rw.rewrite(plain, [p], x)
