@@ -131,6 +131,19 @@ class HeadAttention(RewriterModule):
         out = out.transpose(1, 2).reshape(n, lq, -1)
         return out if self.batch_first else out.transpose(0, 1)
 
+    def rewriter_macs(self, input_shapes: list[tuple[int, ...]], output_shape: Any) -> int:
+        """``Q K^T`` and ``A V`` for every head, and the softmax over the scores (the
+        projections are the q/k/v/out ``nn.Linear`` layers around this module)."""
+        from .analysis.flops import SOFTMAX_MACS
+
+        if len(input_shapes) < 3 or any(len(s) != 3 for s in input_shapes[:3]):
+            return 0
+        q, k, v = input_shapes[:3]
+        n, lq, lk = (q[0], q[1], k[1]) if self.batch_first else (q[1], q[0], k[0])
+        scores = n * self.num_heads * lq * lk
+        per_head = (q[-1] + v[-1]) // self.num_heads
+        return scores * per_head + SOFTMAX_MACS * scores
+
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, dropout={self.dropout}, batch_first={self.batch_first}"
 

@@ -672,7 +672,10 @@ def test_artifacts_load_in_a_fresh_process_without_sources(tmp_path: Path) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.names())
 def test_every_zoo_model_with_every_pass_in_a_fresh_process(tmp_path: Path, name: str) -> None:
-    items = _zoo_items(tmp_path, [name], pipelines(list(rw.registered())))
+    # The library's own passes: tests elsewhere register passes of their own (some break
+    # shapes on purpose), and which of those are registered depends on what was collected.
+    built_in = [n for n, c in rw.registered().items() if c.__module__.startswith("rewriter.passes")]
+    items = _zoo_items(tmp_path, [name], pipelines(built_in))
     _check_in_fresh_process(tmp_path, items)
 
 

@@ -409,3 +409,34 @@ def test_synflow_prunes_a_resnet50_sized_net_in_float32() -> None:
 
 
 _ = (F, operator)
+
+
+def test_flops_count_the_attention_of_nn_multihead_attention() -> None:
+    """Traced ``nn.MultiheadAttention`` becomes q/k/v linears + ``HeadAttention``: FLOPs count
+    its QK^T, AV and softmax per head, as the rule for ``F.scaled_dot_product_attention``
+    counts the same attention written with explicit heads (it used to count 0)."""
+    from rewriter.analysis.flops import SOFTMAX_MACS, flops
+
+    torch.manual_seed(0)
+    model = idioms.MHAViT(dim=16, heads=4, depth=2).eval()
+    x = idioms.vit_inputs()
+    gm = rw.rewrite(model, [], x)
+    report = flops(gm, x)
+    modules = dict(gm.named_modules())
+    rows = [r for r in report.rows if isinstance(modules.get(r.target), HeadAttention)]
+    assert len(rows) == 2, [r.target for r in report.rows]
+    n, tokens = x.shape[0], (x.shape[2] // 4) * (x.shape[3] // 4)
+    heads, head_dim = 4, 16 // 4
+    scores = n * heads * tokens * tokens
+    expected = scores * 2 * head_dim + SOFTMAX_MACS * scores
+    assert [r.macs for r in rows] == [expected, expected]
+
+    class ExplicitHeads(nn.Module):
+        def forward(self, q, k, v):
+            split = [t.view(n, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v)]
+            return F.scaled_dot_product_attention(*split)
+
+    qkv = tuple(torch.randn(n, tokens, 16) for _ in range(3))
+    other = flops(rw.rewrite(ExplicitHeads(), [], qkv), qkv)
+    assert sum(r.macs for r in other.rows if r.kind == "attention") == expected
+    assert not any("attention" in u for u in report.unknown)
