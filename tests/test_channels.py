@@ -530,3 +530,26 @@ def test_layers_sharing_a_parameter_are_not_prunable() -> None:
     _, a = analyse(Tied(), 2, 3, 4, 4)
     assert "'b' shares a tensor with twin" in a.group_of("b").reason
     assert "'twin' shares a tensor with b" in a.group_of("a").reason
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_over_other_dims_with_a_bias_turns_zero_channels_nonzero(bias: bool) -> None:
+    """LayerNorm over W keeps channels apart, but an all-zero channel comes out as its bias:
+    the group records it, so zero-based slimming keeps such channels and TAS does not search
+    them (a TAS search model once disagreed with its derived net here)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.ln = nn.LayerNorm(8, bias=bias)
+            self.fc = nn.Linear(128, 2)
+
+        def forward(self, x):
+            return self.fc(self.ln(torch.relu(self.conv(x))).flatten(1))
+
+    x = torch.randn(2, 1, 8, 8)
+    analysis = channel_groups(rw.trace(Net()), x)
+    group = analysis.group_of("conv")
+    assert group.prunable
+    assert group.nonzero_ops == (("module 'ln'",) if bias else ())

@@ -212,6 +212,9 @@ def layer_norm(c: Coupler, node: fx.Node) -> Value:
         if k == 1 and m.elementwise_affine:
             c.layer(name, "layernorm")
             c.member(name, "param", x.atoms)
+    elif getattr(m, "bias", None) is not None:
+        # Normalising over other dims: an all-zero channel comes out as the bias.
+        c.mark_nonzero(x.atoms, describe(node))
     return x
 
 
