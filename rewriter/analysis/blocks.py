@@ -248,21 +248,26 @@ def _block(
 
     add_node = _fx(data, add)
     scope = _scope(add_node, (_fx(data, n) for n in [*region, *shortcut]))
-    output = add
-    users = list(add_node.users)
-    if len(users) == 1 and _is_activation(gm, users[0]):
-        outside = _containers(users[0])
-        if scope is None or outside is None or scope in outside:
-            output = users[0].name
     return ResidualBlock(
         input=start,
         add=add,
-        output=output,
+        output=_block_output(gm, add_node, scope),
         branch=tuple(sorted(region, key=order.__getitem__)),
         shortcut=tuple(shortcut),
         kind="projection" if projection else "identity",
         scope=scope,
     )
+
+
+def _block_output(gm: fx.GraphModule, add_node: fx.Node, scope: str | None) -> str:
+    """The block's output: the add, or the activation right after it when that activation
+    belongs to the block's scope (``relu(x + f(x))``)."""
+    users = list(add_node.users)
+    if len(users) == 1 and _is_activation(gm, users[0]):
+        outside = _containers(users[0])
+        if scope is None or outside is None or scope in outside:
+            return users[0].name
+    return add_node.name
 
 
 def residual_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
@@ -320,16 +325,10 @@ def _side_input_block(
                 return None
         add_node = _fx(data, add)
         scope = _scope(add_node, (_fx(data, n) for n in region))
-        output = add
-        users = list(add_node.users)
-        if len(users) == 1 and _is_activation(gm, users[0]):
-            outside = _containers(users[0])
-            if scope is None or outside is None or scope in outside:
-                output = users[0].name
         return ResidualBlock(
             input=start,
             add=add,
-            output=output,
+            output=_block_output(gm, add_node, scope),
             branch=tuple(sorted(region, key=order.__getitem__)),
             shortcut=(),
             kind="identity",
