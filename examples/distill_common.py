@@ -8,6 +8,7 @@ method's full formula (see ``docs/methods/distill.md``).
 
 from __future__ import annotations
 
+import argparse
 import statistics
 
 import torch
@@ -19,6 +20,14 @@ import rewriter as rw
 from rewriter import zoo
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def add_teacher_student_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options the teacher-student examples share (seeds, epochs, data, student width)."""
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--per-class", type=int, default=30, help="training images per digit")
+    ap.add_argument("--student-width", type=int, default=8, help="width of the digits CNN student")
 
 
 def teacher_model() -> nn.Module:

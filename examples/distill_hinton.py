@@ -19,7 +19,13 @@ Run: python examples/distill_hinton.py [--seeds 3] [--epochs 30] [--per-class 30
 from __future__ import annotations
 
 import torch
-from distill_common import mean_std, student_model, teacher_model, train
+from distill_common import (
+    add_teacher_student_arguments,
+    mean_std,
+    student_model,
+    teacher_model,
+    train,
+)
 from summary import Summary, parser
 
 import rewriter as rw
@@ -29,10 +35,7 @@ from rewriter.passes.distill import Distill, self_teacher
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--per-class", type=int, default=30, help="training images per digit")
-    ap.add_argument("--student-width", type=int, default=8, help="width of the digits CNN student")
+    add_teacher_student_arguments(ap)
     args = ap.parse_args()
     summary = Summary("distill_hinton", ap, args)
     torch.set_num_threads(1)

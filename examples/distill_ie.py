@@ -20,7 +20,13 @@ Run: python examples/distill_ie.py [--seeds 3] [--epochs 30] [--per-class 30] [-
 from __future__ import annotations
 
 import torch
-from distill_common import mean_std, student_model, teacher_model, train
+from distill_common import (
+    add_teacher_student_arguments,
+    mean_std,
+    student_model,
+    teacher_model,
+    train,
+)
 from summary import Summary, parser
 
 import rewriter as rw
@@ -30,10 +36,7 @@ from rewriter.passes.distill import Distill, pretrain_autoencoder
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--per-class", type=int, default=30, help="training images per digit")
-    ap.add_argument("--student-width", type=int, default=8, help="width of the digits CNN student")
+    add_teacher_student_arguments(ap)
     ap.add_argument("--ae-epochs", type=int, default=30, help="auto-encoder pretraining epochs")
     args = ap.parse_args()
     summary = Summary("distill_ie", ap, args)
