@@ -23,7 +23,19 @@ analyses see standard ``call_module`` layers whatever the source:
   bias_k/v, no zero attention, attention weights not used) becomes three ``nn.Linear``
   layers ``q_proj``, ``k_proj``, ``v_proj``, a :class:`HeadAttention` module holding the
   number of heads (it splits heads, runs ``F.scaled_dot_product_attention`` and merges
-  them) and the ``nn.Linear`` ``out_proj``.
+  them) and the ``nn.Linear`` ``out_proj``. Traced, the module call is rewritten; in a
+  lifted exported program the ops export leaves for it (the packed ``linear`` on
+  ``P.in_proj_weight``, the ``unflatten``/``unsqueeze``/``transpose``/``squeeze``/
+  ``select`` split of q, k, v, the head ``view``/``transpose``,
+  ``scaled_dot_product_attention``, the ``permute``/``reshape`` merge, ``P.out_proj`` and
+  the ``view``/``transpose`` back) are matched and replaced by the same modules, names
+  and parameters, so both front ends give one graph. Deviation: only packed
+  self-attention (``query is key is value``) without masks, ``is_causal`` or a custom
+  scale is matched in a program; ``need_weights=True`` exports ``bmm`` + ``softmax``
+  (not SDPA), so it keeps one packed ``P.in_proj`` layer (the report says why);
+  cross-attention slices the packed weight in the graph and is left as exported. The
+  attention dropout is taken from the program's SDPA call: a program exported in eval
+  mode gets ``dropout=0.0``.
 
 Names (the mapping, also in :attr:`CanonicalReport.renamed`, new name -> original):
 
@@ -32,12 +44,12 @@ Names (the mapping, also in :attr:`CanonicalReport.renamed`, new name -> origina
   layer's ``act``, ``drop``) move next to it as ``P_act``, ``P_drop`` (for example
   ``layer1.0.bn1.act`` -> ``layer1.0.bn1_act``);
 * a layer lifted from differently named parameters ``P.<stem>_weight``/``P.<stem>_bias``
-  is the module ``P.<stem>`` (``P.in_proj_weight`` -> ``P.in_proj.weight``:
-  a lifted ``.pt2`` ``nn.MultiheadAttention`` keeps its packed in-projection as one
-  ``nn.Linear``; only tracing makes q/k/v and the heads explicit);
-* ``nn.MultiheadAttention`` ``P``: ``P.in_proj_weight`` rows ``[0:E]``, ``[E:2E]``,
-  ``[2E:3E]`` -> ``P.q_proj.weight``, ``P.k_proj.weight``, ``P.v_proj.weight`` (bias
-  likewise); ``P.out_proj`` keeps its name; the heads are ``P.attention``.
+  is the module ``P.<stem>`` (``P.in_proj_weight`` -> ``P.in_proj.weight``: the packed
+  in-projection of an exported ``nn.MultiheadAttention`` whose form is not matched);
+* ``nn.MultiheadAttention`` ``P`` (traced, or lifted from a program): ``P.in_proj_weight``
+  rows ``[0:E]``, ``[E:2E]``, ``[2E:3E]`` -> ``P.q_proj.weight``, ``P.k_proj.weight``,
+  ``P.v_proj.weight`` (bias likewise); ``P.out_proj`` keeps its name; the heads are
+  ``P.attention``.
 
 Deviations: a module whose forward branches on ``self.training`` is traced in the mode
 the model is in (that is how ``torch.fx`` and ``torch.export`` work); a lifted
@@ -620,6 +632,266 @@ class _Canonicalizer:
         self.graph.erase_node(node)
         return None
 
+    # -- attention left by torch.export -------------------------------------------------------
+    def exported_attention(self) -> None:
+        """``nn.MultiheadAttention`` as an exported program records it, made explicit.
+
+        Export leaves ``linear(x, P.in_proj_weight, P.in_proj_bias)``, the
+        ``unflatten``/``unsqueeze``/``transpose``/``squeeze``/``contiguous``/``select`` that
+        split q, k, v, the head ``view``/``transpose``, ``scaled_dot_product_attention``,
+        the merge (``permute``/``reshape``), ``P.out_proj`` and the ``view`` (and, for
+        ``batch_first``, the ``transpose``) back. That becomes what tracing makes of the
+        module: ``P.q_proj``/``P.k_proj``/``P.v_proj``, ``P.attention`` (HeadAttention) and
+        ``P.out_proj``. Other forms (cross-attention, masks, attention weights used) are
+        kept, with the reason, and the packed ``P.in_proj`` is then lifted as one layer.
+        """
+        for node in list(self.graph.nodes):
+            weight = _attr(_arg(node, 1, "weight")) if node.op == "call_function" else None
+            if node.target not in _LINEAR or weight is None:
+                continue
+            if not str(weight.target).endswith("in_proj_weight"):
+                continue
+            match = _match_exported_attention(self.gm, node)
+            if isinstance(match, str):
+                self.report.kept.append((node.name, "nn.MultiheadAttention (exported)", match))
+                continue
+            self._install_exported_attention(node, match)
+            self.report._count(
+                self.report.lifted, "nn.MultiheadAttention -> q/k/v Linear + HeadAttention"
+            )
+
+    def _install_exported_attention(self, linear: fx.Node, m: _ExportedAttention) -> None:
+        owner = str(m.weight.target).rpartition(".")[0]
+        holder = self.gm.get_submodule(owner) if owner else self.gm
+        w = _tensor(self.gm, m.weight)
+        b = _tensor(self.gm, m.bias) if m.bias is not None else None
+        e = w.shape[1]
+        out_proj = holder._modules.pop("out_proj")
+        for attr in ("in_proj_weight", "in_proj_bias"):
+            if attr in holder._parameters:
+                del holder._parameters[attr]
+        prefix = f"{owner}." if owner else ""
+        for i, which in enumerate("qkv"):
+            lin = nn.Linear(e, e, bias=b is not None, device=w.device, dtype=w.dtype)
+            lin.weight = nn.Parameter(w.detach()[i * e : (i + 1) * e].clone(), w.requires_grad)
+            if b is not None:
+                lin.bias = nn.Parameter(b.detach()[i * e : (i + 1) * e].clone(), b.requires_grad)
+            holder.add_module(f"{which}_proj", lin)
+            for kind, present in (("weight", True), ("bias", b is not None)):
+                if present:
+                    self.report.renamed[f"{prefix}{which}_proj.{kind}"] = (
+                        f"{prefix}in_proj_{kind}[{i * e}:{(i + 1) * e}]"
+                    )
+        attention = HeadAttention(m.heads, m.dropout, m.batch_first)
+        holder.add_module("attention", attention)
+        holder.add_module("out_proj", out_proj)
+        for module in (*(holder.get_submodule(f"{w}_proj") for w in "qkv"), attention):
+            module.train(self.gm.training or m.dropout > 0)
+        with self.graph.inserting_before(m.out_proj):
+            qkv = [self.graph.call_module(f"{prefix}{w}_proj", (m.input,)) for w in "qkv"]
+            heads = self.graph.call_module(f"{prefix}attention", tuple(qkv))
+        m.out_proj.args = (heads,)
+        m.result.replace_all_uses_with(m.out_proj)
+        sizes = m.size_nodes()
+        for n in [*reversed(m.chain), m.entry]:
+            if n is not None and not n.users:
+                self.graph.erase_node(n)
+        arithmetic = (operator.mul, operator.floordiv, torch.ops.aten.sym_size.int)
+        for n in sizes:  # size arithmetic only the replaced views read
+            if not n.users and n.op == "call_function" and n.target in arithmetic:
+                self.graph.erase_node(n)
+
+
+# -- nn.MultiheadAttention as torch.export records it --------------------------------------------
+
+_LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+
+
+@dataclass
+class _ExportedAttention:
+    """A matched exported ``nn.MultiheadAttention`` (packed self-attention)."""
+
+    input: fx.Node  # the tensor q, k and v are projected from (as the module got it)
+    weight: fx.Node  # get_attr P.in_proj_weight
+    bias: fx.Node | None
+    out_proj: fx.Node  # call_module P.out_proj
+    result: fx.Node  # the node whose value is the module's output
+    heads: int
+    dropout: float
+    batch_first: bool
+    chain: list[fx.Node]  # the nodes the explicit form replaces, in graph order
+    entry: fx.Node | None = None  # the batch-first input's transpose (dropped when unused)
+
+    def size_nodes(self) -> list[fx.Node]:
+        """Symbolic sizes the replaced views and reshapes read (dynamic-shape programs)."""
+        out: list[fx.Node] = []
+        for node in self.chain:
+            for a in node.args[1:]:
+                if isinstance(a, (list, tuple)):
+                    out += [v for v in a if isinstance(v, fx.Node) and v not in out]
+        return out
+
+
+def _op(node: Any) -> str | None:
+    """The op's name whatever level it is written at (``aten.transpose.int``,
+    ``torch.transpose`` and ``Tensor.transpose`` are all ``"transpose"``)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op != "call_function":
+        return None
+    name = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", None)
+    return str(name) if name else None
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _sizes(value: Any, n: int) -> list[Any] | None:
+    """A shape argument of ``n`` sizes, each an int or a node (a symbolic size of a
+    dynamic-shape program), else ``None``."""
+    if isinstance(value, (list, tuple)) and len(value) == n:
+        if all(type(v) is int or isinstance(v, fx.Node) for v in value):
+            return list(value)
+    return None
+
+
+def _is_swap(node: Any, a: int, b: int, rank: int) -> bool:
+    """Whether ``node`` is ``transpose(x, a, b)`` (dims up to sign and order)."""
+    if _op(node) != "transpose" or len(node.args) != 3:
+        return False
+    dims = {d % rank if isinstance(d, int) else None for d in node.args[1:]}
+    return dims == {a % rank, b % rank}
+
+
+def _match_exported_attention(gm: fx.GraphModule, linear: fx.Node) -> _ExportedAttention | str:
+    """Match the packed self-attention ``nn.MultiheadAttention`` records when exported
+    (``F.multi_head_attention_forward`` with ``query is key is value`` and
+    ``need_weights=False``), starting at the in-projection ``linear``."""
+    weight, bias = _attr(_arg(linear, 1, "weight")), _arg(linear, 2, "bias")
+    if weight is None or (bias is not None and _attr(bias) is None):
+        return "the in-projection weight or bias is not a parameter"
+    owner = str(weight.target).rpartition(".")[0]
+    prefix = f"{owner}." if owner else ""
+    if bias is not None and bias.target != f"{prefix}in_proj_bias":
+        return "the in-projection bias is not the same module's in_proj_bias"
+    w = _tensor(gm, weight)
+    if w.dim() != 2 or w.shape[0] != 3 * w.shape[1]:
+        return "the in-projection weight is not (3E, E)"
+    e = w.shape[1]
+    for n in (weight, bias):
+        if n is not None and set(n.users) != {linear}:
+            return f"{n.target!r} is also read by other nodes"
+    chain: list[fx.Node] = [weight] + ([bias] if bias is not None else []) + [linear]
+
+    def step(node: fx.Node, name: str, args: tuple[Any, ...]) -> fx.Node | None:
+        nxt = _only_user(node)
+        if nxt is None or _op(nxt) != name or tuple(nxt.args[1:]) != args or nxt.kwargs:
+            return None
+        chain.append(nxt)
+        return nxt
+
+    node = linear
+    for name, args in (("unflatten", (-1, [3, e])), ("unsqueeze", (0,))):
+        node = step(node, name, args)  # type: ignore[assignment]
+        if node is None:
+            return f"the projection is not split by {name}{args} (not packed self-attention)"
+    swap = _only_user(node)
+    if swap is None or not _is_swap(swap, 0, -2, 5):
+        return "the projection is not split into q, k, v the packed way"
+    chain.append(swap)
+    node = swap
+    for name, args in (("squeeze", (-2,)), ("contiguous", ())):
+        node = step(node, name, args)  # type: ignore[assignment]
+        if node is None:
+            return "the projection is not split into q, k, v the packed way"
+    selects = sorted(node.users, key=lambda u: u.args[2] if len(u.args) == 3 else -1)
+    if len(selects) != 3 or any(
+        _op(s) != "select" or tuple(s.args[1:]) != (0, i) for i, s in enumerate(selects)
+    ):  # fmt: skip
+        return "q, k and v are not the three selects of the packed projection"
+    shapes: list[tuple[Any, ...]] = []
+    heads: list[fx.Node] = []
+    for s in selects:
+        chain.append(s)
+        first = _only_user(s)
+        if _op(first) not in ("view", "reshape") or _sizes(first.args[1], 3) is None:
+            return "q, k or v is not split into heads with a view"
+        swap = _only_user(first)
+        if swap is None or not _is_swap(swap, 0, 1, 3):
+            return "q, k or v heads are not moved to the batch dimension"
+        second = _only_user(swap)
+        if _op(second) not in ("view", "reshape") or _sizes(second.args[1], 4) is None:
+            return (
+                "q, k or v heads are not viewed as (N, H, L, head_dim) for "
+                "scaled_dot_product_attention (need_weights=True exports bmm + softmax)"
+            )
+        chain.extend((first, swap, second))
+        shapes.append((*first.args[1], *second.args[1]))
+        heads.append(second)
+    if len(set(shapes)) != 1:
+        return "q, k and v have different head shapes"
+    # (L, N*H, hd) then (N, H, L, hd) on the contiguous (L, N, E) q/k/v: with L, N the same
+    # sizes (ints, or the same symbolic-size nodes) and hd, H ints with H * hd = E, the
+    # middle sizes are forced by the element count, so this is the head split
+    length, _, hd, n, h, length2, hd2 = shapes[0]
+    if type(hd) is not int or type(h) is not int or h * hd != e or (length2, hd2) != (length, hd):
+        return f"the head views {shapes[0]} do not split {e} channels into heads"
+    sdpa = _only_user(heads[0])
+    if _op(sdpa) != "scaled_dot_product_attention" or list(sdpa.args[:3]) != heads:
+        return "q, k and v do not meet in one scaled_dot_product_attention"
+    if any(_only_user(x) is not sdpa for x in heads[1:]):
+        return "q, k or v heads are also read elsewhere"
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, 0.0, False, None, False)
+    options = {k: _arg(sdpa, i + 3, k, d) for i, (k, d) in enumerate(zip(names, defaults, strict=True))}
+    if options["attn_mask"] is not None or options["is_causal"] or options["enable_gqa"]:
+        return "an attention mask, is_causal or grouped query attention"
+    if options["scale"] is not None or not isinstance(options["dropout_p"], (int, float)):
+        return "a scale or a computed dropout probability"
+    chain.append(sdpa)
+    node = step(sdpa, "permute", ([2, 0, 1, 3],))  # type: ignore[assignment]
+    if node is None:
+        return "the heads are not merged by permute(2, 0, 1, 3)"
+    nxt = _only_user(node)
+    if _op(nxt) == "contiguous":
+        chain.append(nxt)
+        node, nxt = nxt, _only_user(nxt)
+    merged = _sizes(nxt.args[1], 2) if _op(nxt) in ("view", "reshape") else None
+    if merged is None or merged[1] != e:
+        return "the merged heads are not reshaped to (L * N, E)"
+    chain.append(nxt)
+    out_proj = _only_user(nxt)
+    if out_proj is None or out_proj.op != "call_module" or out_proj.target != f"{prefix}out_proj":
+        return f"the merged heads do not go to the layer {prefix}out_proj"
+    if type(gm.get_submodule(str(out_proj.target))) is not nn.Linear:
+        return f"{prefix}out_proj is not an nn.Linear"
+    back = _only_user(out_proj)
+    restored = _sizes(back.args[1], 3) if _op(back) in ("view", "reshape") else None
+    if restored is None or (restored[0], restored[1], restored[2]) != (length, n, e):
+        return "the output is not viewed back as (L, N, E)"
+    chain.append(back)
+    result, source, batch_first = back, linear.args[0], False
+    last = _only_user(back)
+    if _is_swap(last, 0, 1, 3) and _is_swap(source, 0, 1, 3):
+        result, source, batch_first = last, source.args[0], True  # type: ignore[union-attr]
+        chain.append(last)
+    if not isinstance(source, fx.Node):
+        return "the input is not a tensor"
+    holder = gm.get_submodule(owner) if owner else gm
+    extra = (set(holder._parameters) | set(holder._buffers)) - {"in_proj_weight", "in_proj_bias"}
+    if extra or set(holder._modules) != {"out_proj"}:
+        return f"{owner or 'the root'} holds other state than in_proj and out_proj"
+    if any(hasattr(holder, f"{w}_proj") for w in "qkv") or hasattr(holder, "attention"):
+        return f"{owner or 'the root'} already has a q/k/v_proj or attention attribute"
+    return _ExportedAttention(
+        source, weight, bias, out_proj, result, h, float(options["dropout_p"]), batch_first, chain,
+        linear.args[0] if batch_first else None,
+    )  # fmt: skip
+
 
 _FRESH_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
@@ -719,6 +991,7 @@ def canonicalize(gm: fx.GraphModule, source: nn.Module | None = None) -> fx.Grap
     report = CanonicalReport(renamed=dict(previous.renamed) if previous else {})
     work = _Canonicalizer(gm, source, report)
     work.explicit_attention()
+    work.exported_attention()
     work.lift_layers()
     work.out_of_place()
     if report.lifted or report.inplace:

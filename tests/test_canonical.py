@@ -190,19 +190,98 @@ def test_explicit_heads_let_value_channels_be_slimmed_per_head() -> None:
         torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
 
 
-def test_lifted_multihead_attention_keeps_a_packed_in_projection_layer(tmp_path: Path) -> None:
+def test_lifted_multihead_attention_becomes_what_tracing_makes_of_it() -> None:
+    """The packed in-projection, q/k/v split, head views and SDPA an exported
+    ``nn.MultiheadAttention`` leaves become q/k/v/out linears and ``HeadAttention``, with the
+    names, parameters and report of the traced module; outputs bit-identical to the program."""
     torch.manual_seed(0)
     model = idioms.MHAViT().eval()
     x = idioms.vit_inputs()
     ep = torch.export.export(model, (x,))
+    gm, traced = lift(ep), rw.trace(model)
+    report = canonical_report(gm)
+    assert report.lifted == {"nn.MultiheadAttention -> q/k/v Linear + HeadAttention": 2}
+    assert report.kept == []
+    assert report.renamed == canonical_report(traced).renamed
+    assert [n for n, _ in gm.named_modules()] == [n for n, _ in traced.named_modules()]
+    assert set(gm.state_dict()) == set(traced.state_dict())
+    for key, value in traced.state_dict().items():
+        assert torch.equal(gm.state_dict()[key], value), key
+    attn = gm.get_submodule("blocks.1.attn")
+    assert isinstance(attn.attention, HeadAttention) and attn.attention.num_heads == 4
+    assert attn.attention.batch_first
+    assert not [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    for grad in (False, True):  # the same kernels on the same tensors
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(gm(x), ep.module()(x)), grad
+
+
+class _Attention(nn.Module):
+    def __init__(self, batch_first: bool, need_weights: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first, dropout=0.1)
+        self.need_weights = need_weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(x, x, x, need_weights=self.need_weights)[0]
+
+
+def test_lifted_attention_forms_sequence_first_dropout_and_kept_weights() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 16)
+    model = _Attention(batch_first=False, need_weights=False).train()
+    ep = torch.export.export(model, (x,))
     gm = lift(ep)
-    assert canonical_report(gm).lifted == {"aten.linear -> Linear": 2}
-    assert type(gm.get_submodule("blocks.0.attn.in_proj")) is nn.Linear
-    assert canonical_report(gm).renamed["blocks.0.attn.in_proj.weight"] == "blocks.0.attn.in_proj_weight"
-    with torch.no_grad():  # eager MHA takes torch's fused path here; the program does not
-        assert torch.equal(gm(x), ep.module()(x))
-    net = rw.rewrite(gm, ["masks"], x)
-    assert _fired(net) == [1 + 2 * 4 + 1]  # patch; in_proj, out_proj, 2 MLP per block; head
+    attention = gm.get_submodule("attn.attention")
+    assert (attention.batch_first, attention.dropout, attention.training) == (False, 0.1, True)
+    outputs = []
+    for run in (gm, ep.module()):
+        torch.manual_seed(3)  # the same attention dropout draws
+        outputs.append(run(x))
+    assert torch.equal(*outputs)
+    # need_weights=True exports bmm + softmax, not SDPA: kept, with the reason, packed
+    model = _Attention(batch_first=True, need_weights=True).eval()
+    ep = torch.export.export(model, (x,))
+    gm = lift(ep)
+    report = canonical_report(gm)
+    assert report.lifted == {"aten.linear -> Linear": 1}
+    assert [(op, "need_weights=True" in why) for _, op, why in report.kept] == [
+        ("nn.MultiheadAttention (exported)", True)
+    ]
+    assert type(gm.get_submodule("attn.in_proj")) is nn.Linear
+    assert torch.equal(gm(x), ep.module()(x))
+    # the export front end's dynamic batch: symbolic sizes in the head views
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
+    net = rw.rewrite(model, ["masks"], x, frontend="export")
+    assert canonical_report(net).lifted == {"nn.MultiheadAttention -> q/k/v Linear + HeadAttention": 2}
+    assert _fired(net) == [2 * 6 + 2]
+    x5 = idioms.vit_inputs(batch=5)
+    assert torch.equal(net(x5), model(x5))  # with grad enabled eager MHA takes its exact path
+
+
+def test_lifted_multihead_attention_vit_looks_like_its_explicit_twin() -> None:
+    torch.manual_seed(0)
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
+    plain = idioms.plain_vit(model)
+    gm, twin = lift(torch.export.export(model, (x,))), rw.trace(plain)
+    assert _groups(gm, x) == _groups(twin, x)
+    assert _blocks(gm) == _blocks(twin)
+    passes = ["masks", ("split", {"mode": "kels", "rate": 0.5}), ("magnitude", {"density": 0.5}),
+              "saliency_gates", "skip_gates"]  # fmt: skip
+    fired = {str(p): _fired(rw.rewrite(gm, [p], x)) for p in passes}
+    assert fired == {str(p): _fired(rw.rewrite(plain, [p], x)) for p in passes}
+    assert fired["masks"] == [2 * 6 + 2] and fired["skip_gates"] == [4]
+    # slim is exact: channels 0 and 1 of every value head (head dim 4 -> 2), half the MLP
+    analysis = channel_groups(gm, (x,))
+    drops = {g.id: range(g.size // 2) for g in analysis.prunable()}
+    value = analysis.group_of("blocks.0.attn.v_proj")
+    assert value.id in drops and value.size == 4
+    rw.mask_channels(gm, analysis, drops)
+    slim = rw.slim(gm, (x,))
+    assert slim.get_submodule("blocks.0.attn.v_proj").out_features == 8
+    assert slim.get_submodule("blocks.0.attn.out_proj").in_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
 
 
 def test_optional_arguments_and_sizes_flow_through_every_analysis() -> None:
