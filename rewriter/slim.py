@@ -5,7 +5,9 @@ removed channel is gone from every layer of its group (conv filters, input colum
 ``groups``, linear rows and columns, biases, ``weight_mask`` of masked layers,
 BatchNorm / InstanceNorm / RBN / GroupNorm parameters and running statistics, PReLU
 slopes, per-channel attributes such as positional embeddings), with ``split`` /
-``chunk`` sizes and channel slices rewritten. The groups come from
+``chunk`` sizes, channel slices and the fixed head counts and merged widths of attention
+reshapes (``view(B, N, 4, 8)`` -> ``view(B, N, 2, 8)``, ``reshape(B, N, 32)`` ->
+``reshape(B, N, 16)``) rewritten. The groups come from
 :func:`rewriter.analysis.channels.channel_groups`.
 
 Semantics: removing a channel removes it from its *whole group*. The slim model computes
@@ -608,7 +610,9 @@ def _rewrite_slices(
             before.append(before[-1] + k)
         bounds = [(before[lo], before[hi]) for lo, hi in record.bounds]
         node = nodes[record.node]
-        if record.kind == "split":
+        if record.kind == "size":
+            _set_size(node, record.dim, bounds[0][1] - bounds[0][0])
+        elif record.kind == "split":
             sizes = [hi - lo for lo, hi in bounds]
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(torch.split, (node.args[0], sizes, record.dim))
@@ -626,3 +630,22 @@ def _rewrite_slices(
                     obj,
                     tuple(new_slice if i == record.item else it for i, it in enumerate(index)),
                 )
+
+
+def _set_size(node: fx.Node, position: int, value: int) -> None:
+    """Write ``value`` as the size at ``position`` of a ``view``/``reshape`` node's sizes
+    (``x.view(a, b, c)``, ``x.view((a, b, c))``, ``torch.reshape(x, shape)``, ``shape=``)."""
+    if node.op == "call_method" and len(node.args) > 1 and not isinstance(
+        node.args[1], (tuple, list)
+    ):
+        node.args = (*node.args[: position + 1], value, *node.args[position + 2 :])
+        return
+    if len(node.args) > 1:
+        sizes = list(node.args[1])
+        sizes[position] = value
+        node.args = (node.args[0], type(node.args[1])(sizes), *node.args[2:])
+        return
+    key = "shape" if "shape" in node.kwargs else "size"
+    sizes = list(node.kwargs[key])
+    sizes[position] = value
+    node.kwargs = {**node.kwargs, key: type(node.kwargs[key])(sizes)}

@@ -422,8 +422,9 @@ def test_reshapes_are_followed_only_when_they_stay_correct_after_slimming() -> N
     fb = b.members_of("fb", "in")  # (h*w, c) order after the permute: 16 runs of 1 feature
     assert len(fb) == 16 and all(m.span == 1 for m in fb)
     assert sorted(i for m in fb for i in m.layer_indices(1)) == list(range(1, 64, 4))
-    c = a.group_of("c")
-    assert not c.prunable and "splits the channel dim" in c.reason
+    c = a.group_of("c")  # a split with a fixed count: units of 2; slim rewrites the count
+    assert c.prunable and c.size == 2
+    assert [(s.kind, s.dim) for s in a.slices if s.positions[0][0] == c.id] == [("size", 1)]
 
 
 class Counts(nn.Module):

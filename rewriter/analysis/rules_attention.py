@@ -30,14 +30,26 @@ A *head* is one removable unit across the q, k, v and output projections::
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .coupling import Count, Coupler, Handler, Tracked, Value, arg, describe, norm_dim
-from .rules_structure import reduction, reshape, reshape_groups, unsqueeze
+from .coupling import (
+    Count,
+    Coupler,
+    Handler,
+    SliceRecord,
+    Tracked,
+    Value,
+    arg,
+    describe,
+    norm_dim,
+)
+from .rules_structure import flatten_atoms, reduction, reshape, reshape_groups, unsqueeze
 
 __all__ = ["FUNCTIONS", "METHODS", "MODULES"]
 
@@ -80,11 +92,13 @@ def head_reshape(c: Coupler, node: fx.Node) -> Value:
     heads, width = shape_out[h], shape_out[d]
     count = c.val(raw[h])
     follows = raw[h] == -1 or (isinstance(count, Count) and count.of.atoms == x.atoms)
-    if not follows or raw[d] != width:
+    fixed = _fixed(raw[h], heads)
+    if not (follows or fixed) or raw[d] != width:
         c.block(
             x.atoms,
             f"{describe(node)} splits the channel dim into {heads}x{width} heads with the "
-            f"head count fixed to {raw[h]!r}; use -1 so that it follows removed heads",
+            f"head count given as {raw[h]!r}; use -1 (or the number of heads) so that it "
+            "follows removed heads",
         )
         return None
     if isinstance(count, Count):
@@ -92,7 +106,119 @@ def head_reshape(c: Coupler, node: fx.Node) -> Value:
     atoms = x.atoms
     for i in range(heads):
         c.union(atoms[i * width : (i + 1) * width], [atoms[i * width]] * width)
-    return Tracked(h, tuple(atoms[i * width] for i in range(heads)))
+    units = tuple(atoms[i * width] for i in range(heads))
+    _head_units(c).update(units)
+    if fixed:  # slim writes the number of kept heads here
+        c.slices.append(SliceRecord(node.name, "size", h, ((0, heads),), None, units))  # type: ignore[arg-type]
+    return Tracked(h, units)
+
+
+def head_merge(c: Coupler, node: fx.Node) -> Value:
+    """``(.., H, D) -> (.., H*D)`` with the merged width a fixed number (or another tensor's
+    channel count, as timm's ``reshape(B, N, C)``): followed like any merge, and the width
+    is recorded so that :func:`rewriter.slim.slim` writes the kept width there.
+
+    Only heads (the units a head split made) are merged this way; any other reshape is
+    the ordinary reshape rule, which refuses fixed channel counts.
+    """
+    x = c.tracked(node.args[0])
+    shape_in, shape_out = c.shape(node.args[0]), c.shape(node)
+    raw = _raw_sizes(node)
+    if (
+        x is None
+        or shape_in is None
+        or shape_out is None
+        or len(raw) != len(shape_out)
+        or not set(x.atoms) <= _head_units(c)
+    ):
+        return None
+    found = [g for g in reshape_groups(shape_in, shape_out) or () if g[0] <= x.dim < g[1]]
+    if not found:
+        return None
+    a_lo, a_hi, b_lo, b_hi = found[0]
+    big = [k for k in range(b_lo, b_hi) if shape_out[k] != 1]
+    if len(big) != 1 or [k for k in range(a_lo, a_hi) if shape_in[k] != 1][:1] != [x.dim]:
+        return None
+    target = big[0]
+    size_arg = raw[target]
+    count = c.val(size_arg)
+    borrowed = isinstance(count, Count) and count.of.atoms != x.atoms
+    if not (_fixed(size_arg, shape_out[target]) or borrowed):
+        return None
+    if borrowed:
+        c.consumed.add(size_arg)
+    atoms = flatten_atoms(x, shape_in, a_lo, a_hi - 1)
+    c.slices.append(SliceRecord(node.name, "size", target, ((0, len(atoms)),), None, atoms))  # type: ignore[arg-type]
+    return Tracked(target, atoms)
+
+
+def view(c: Coupler, node: fx.Node) -> Value:
+    """``view``/``reshape``: a head split, a head merge, or the ordinary reshape rule."""
+    merged = head_merge(c, node)
+    return merged if merged is not None else head_reshape(c, node)
+
+
+def _fixed(size: Any, expected: int) -> bool:
+    """Whether ``size`` is a plain int equal to ``expected`` (not a bool, not a node)."""
+    return type(size) is int and size == expected
+
+
+_HEADS: weakref.WeakKeyDictionary[Coupler, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _head_units(c: Coupler) -> set[int]:
+    """The atoms standing for whole heads in this analysis run (made by head splits)."""
+    return _HEADS.setdefault(c, set())
+
+
+def matmul(c: Coupler, node: fx.Node) -> Value:
+    """``a @ b`` (``torch.matmul``, ``bmm``): batch dims carry channels, rows and columns too.
+
+    * both operands followed at the same batch dim (the head dim of ``q @ k^T`` and
+      ``attn @ v``): their units join (query head ``i`` with key head ``i``; attention
+      head ``i`` with value head ``i``) and the result is followed there;
+    * one operand followed at a batch dim, the other of size 1 there (broadcast): followed;
+    * ``a`` followed at its rows (dim -2) or ``b`` at its columns (dim -1): followed at the
+      result's rows / columns;
+    * the contracted dim followed in both: the units join and the result carries none of
+      them (a removed channel adds nothing to the sum once it is zero in either operand).
+
+    Anything else blocks the operands' channels.
+    """
+    a_node, b_node = arg(node, 0, "input"), arg(node, 1, "other")
+    a, b = c.tracked(a_node), c.tracked(b_node)
+    sa, sb, so = c.shape(a_node), c.shape(b_node), c.shape(node)
+    if a is None and b is None:
+        return None
+    what = describe(node)
+    if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
+        c.block_inputs(node, f"{what}: a matrix product the analysis does not follow")
+        return None
+    nd = len(so)
+    pa = None if a is None else a.dim + nd - len(sa)  # position in the result's frame
+    pb = None if b is None else b.dim + nd - len(sb)
+    batch = nd - 2
+    if a is not None and b is not None:
+        if pa == pb and pa is not None and pa < batch and len(a.atoms) == len(b.atoms):
+            c.union(a.atoms, b.atoms)
+            return Tracked(pa, a.atoms)
+        if a.dim == len(sa) - 1 and b.dim == len(sb) - 2:
+            c.union(a.atoms, b.atoms)
+            return None
+        c.block_inputs(node, f"{what} combines channels of its operands that do not line up")
+        return None
+    x, pos, other = (a, pa, sb) if a is not None else (b, pb, sa)
+    assert x is not None and pos is not None
+    if pos < batch:
+        k = pos - (nd - len(other))
+        if k < 0 or other[k] == 1:
+            return Tracked(pos, x.atoms)
+    elif a is not None and a.dim == len(sa) - 2:
+        return Tracked(nd - 2, a.atoms)
+    elif b is not None and b.dim == len(sb) - 1:
+        return Tracked(nd - 1, b.atoms)
+    c.block_inputs(node, f"{what} mixes the channels with a tensor the analysis cannot follow")
+    return None
 
 
 def attention(c: Coupler, node: fx.Node) -> Value:
@@ -249,9 +375,14 @@ def _nothing(c: Coupler, node: fx.Node) -> Value:
 FUNCTIONS: dict[Any, Handler] = {
     aten.scaled_dot_product_attention.default: attention,
     torch.nn.functional.scaled_dot_product_attention: attention,
-    torch.reshape: head_reshape,
-    aten.view.default: head_reshape,
-    aten.reshape.default: head_reshape,
+    torch.reshape: view,
+    aten.view.default: view,
+    aten.reshape.default: view,
+    torch.matmul: matmul,
+    torch.bmm: matmul,
+    operator.matmul: matmul,
+    aten.matmul.default: matmul,
+    aten.bmm.default: matmul,
     aten.expand.default: expand,
     aten.slice.Tensor: aten_slice,
     aten.sym_size.int: sym_size,
@@ -268,8 +399,11 @@ FUNCTIONS: dict[Any, Handler] = {
 }  # fmt: skip
 
 METHODS: dict[str, Handler] = {
-    "view": head_reshape,
-    "reshape": head_reshape,
+    "view": view,
+    "reshape": view,
+    "matmul": matmul,
+    "bmm": matmul,
+    "__matmul__": matmul,
     "expand": expand,
     "mean": mean,
 }
