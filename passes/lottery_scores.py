@@ -13,10 +13,23 @@ Scores (higher = more important; every criterion keeps the highest):
   double backprop. GraSP's paper scores ``S(-w) = -w * Hg`` and removes the *highest*
   ``S``; Synaptic-Flow's code scores ``w * Hg`` and removes the *lowest*, which is the
   same mask. We use Synaptic-Flow's sign so that all criteria keep the highest score.
-* ``synflow``: ``|w * dR/dw|``, ``R`` the sum of the outputs for an all-ones input (batch
-  of one) after every floating-point parameter and buffer is replaced by its absolute
-  value, with BatchNorm in eval mode; iterated ``iterations`` (100) times, the kept
-  fraction after iteration ``k`` being ``density ** (k / iterations)``.
+* ``synflow``: ``|w * dR/dw|``, ``R`` the sum of the outputs for an all-ones input
+  after every floating-point parameter and buffer is replaced by its absolute value,
+  with BatchNorm in eval mode; iterated ``iterations`` (100) times, the kept fraction
+  after iteration ``k`` being ``density ** (k / iterations)``. The all-ones input has the
+  example inputs' batch size ``B`` (a program exported with a fixed batch, e.g.
+  ``x.view(x.size(0), -1)`` or Hugging Face's ``expand(cls_token, [B, -1, -1])``, takes
+  no other), and ``R`` is divided by ``B``: the ``B`` samples are identical and each
+  sample's computation is independent in eval mode, so the batch's gradient is ``B``
+  times one sample's and the scores, hence the masks, are the paper's batch-of-one ones
+  (up to float rounding; tested on a zoo model). **Integer inputs** (token ids,
+  attention masks) are all ones as well: every token is id 1 and every position is
+  attended. The paper is data-free on images; here the signal entering the first layer
+  is the absolute embedding of token 1 (plus the position embeddings), the closest
+  data-free analogue of its all-ones image. **dtype**: scores are computed in float64,
+  as the paper does, unless the graph pins a floating dtype (programs from
+  ``torch.export`` assert ``float32`` and cast with ``aten.to``: GPT-2, Llama); those
+  score in the model's own dtype (an overflow is still an error).
 
 Masks (:func:`prune`): the kept count is exactly ``round(density * n)``, ``n`` the number
 of prunable weights (global scope, the default) or of each layer's weights (``"layer"``
@@ -49,7 +62,7 @@ The passes built on these functions are in :mod:`rewriter.passes.lottery_passes`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -324,23 +337,41 @@ def synflow_scores(gm: nn.Module, inputs: Sequence[Tensor] | None = None) -> Sco
 
 def _synflow_once(gm: nn.Module, ones: Sequence[Tensor]) -> Scores:
     """Scores computed in float64, as the paper does (the model's tensors are converted for
-    the call and restored to their dtype; masks set afterwards keep the model's dtype)."""
+    the call and restored to their dtype; masks set afterwards keep the model's dtype),
+    or in the model's dtype when the graph pins one (see the module docs)."""
     layers = masked_layers(gm)
-    with in_float64(gm):
+    wide = not pins_float_dtype(gm)
+    with in_float64(gm) if wide else nullcontext():
         weights = [layer.weight for layer in layers.values()]
-        wide = [t.double() if t.is_floating_point() else t for t in ones]
-        leaves, _ = tree_flatten(gm(*wide))
-        total = sum(t.sum() for t in leaves if isinstance(t, Tensor))
+        signal = [t.double() if wide and t.is_floating_point() else t for t in ones]
+        leaves, _ = tree_flatten(gm(*signal))
+        batch = ones[0].shape[0] if ones and ones[0].dim() else 1
+        total = sum(t.sum() for t in leaves if isinstance(t, Tensor)) / batch
         grads = _grad(total, weights)
         scores = {
             name: (w * g).detach().abs() for name, w, g in zip(layers, weights, grads, strict=True)
         }
     if not all(torch.isfinite(s).all() for s in scores.values()):
+        where = "even in float64" if wide else "(scored in the model's dtype: the graph pins it)"
         raise RewriterError(
-            "SynFlow scores overflowed even in float64 (the all-ones signal through the "
+            f"SynFlow scores overflowed {where} (the all-ones signal through the "
             "absolute-valued network is too large)"
         )
     return scores
+
+
+def pins_float_dtype(gm: nn.Module) -> bool:
+    """Whether ``gm``'s graph names a floating dtype (an export's ``_assert_tensor_metadata``
+    or ``aten.to(x, torch.float32)``), so that it cannot run in float64."""
+    if not isinstance(gm, fx.GraphModule):
+        return False
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        for value in (*node.args, *node.kwargs.values()):
+            if isinstance(value, torch.dtype) and value.is_floating_point:
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +497,7 @@ def _scoring(gm: nn.Module, *, train: bool, absolute: bool = False) -> Iterator[
     state = [
         (name, t)
         for name, t in list(gm.named_parameters()) + list(gm.named_buffers())
-        if name.rpartition(".")[2] != MASK
+        if name.rpartition(".")[2] != MASK and not _expanded(t)
     ]
     saved = [t.detach().clone() for _, t in state]
     gm.train(train)
@@ -483,6 +514,12 @@ def _scoring(gm: nn.Module, *, train: bool, absolute: bool = False) -> Iterator[
                 t.copy_(value)
         for module, mode in modes.items():
             module.training = mode
+
+
+def _expanded(t: Tensor) -> bool:
+    """An expanded constant (stride 0 over a dim of size > 1): read-only, never restored.
+    Lifted programs hold such buffers (BERT's token type ids, ViT's attention mask)."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))
 
 
 def _train(mode: str) -> bool:
@@ -513,7 +550,7 @@ def _batches(data: Iterable[Batch], criterion: str) -> list[Batch]:
 
 
 def _ones_like_inputs(gm: nn.Module, inputs: Sequence[Tensor] | None) -> list[Tensor]:
-    """All-ones inputs, batch of one, shaped like ``inputs`` or the graph's placeholders.
+    """All-ones inputs shaped like ``inputs`` or the graph's placeholders (batch included).
 
     They are created on the model's device and, for floating inputs, in its dtype.
     """
@@ -523,7 +560,7 @@ def _ones_like_inputs(gm: nn.Module, inputs: Sequence[Tensor] | None) -> list[Te
             inputs = (inputs,)
         return [
             torch.ones(
-                (1, *t.shape[1:]),
+                tuple(t.shape),
                 dtype=dtype if t.dtype.is_floating_point and dtype is not None else t.dtype,
                 device=device,
             )
@@ -544,7 +581,7 @@ def _ones_like_inputs(gm: nn.Module, inputs: Sequence[Tensor] | None) -> list[Te
         )
     return [
         torch.ones(
-            (1, *m.shape[1:]),
+            tuple(m.shape),
             dtype=dtype if m.dtype.is_floating_point and dtype is not None else m.dtype,
             device=device,
         )

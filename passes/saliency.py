@@ -169,6 +169,13 @@ _CONV_CLASSES: dict[str, type[nn.Module]] = {
     "Conv2d": nn.Conv2d,
     "Conv3d": nn.Conv3d,
 }
+_SELECTABLE: dict[str, type[nn.Module]] = {**_CONV_CLASSES, "Linear": nn.Linear}
+"""Class names ``classes`` accepts: the convs, and ``Linear`` for the MLP gates (down projection)."""
+_POINTWISE = {
+    "mul", "add", "sub", "div", "truediv", "neg", "pow", "tanh", "sigmoid", "erf", "exp",
+    "clamp", "softplus", "dropout",
+} | ACTIVATION_NAMES  # fmt: skip
+"""Elementwise ops that may sit between an MLP's input projections and its down projection."""
 _NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 _NORM_NAMES = {"batch_norm", "group_norm", "instance_norm"}
 
@@ -209,8 +216,10 @@ class SaliencyGate(RewriterModule):
         lambda_lasso: float,
         lambda_graph: float,
         gamma: float,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.layer = layer
@@ -230,6 +239,18 @@ class SaliencyGate(RewriterModule):
         self.last_pooled: Tensor | None = None
 
     # -- computation -----------------------------------------------------------------------
+    def pool(self, x: Tensor) -> Tensor:
+        """(N, C) mean over every dim but the sample and channel dims (spatial or tokens)."""
+        dims = tuple(range(1, x.dim() - 1)) if self.channels_last else tuple(range(2, x.dim()))
+        return x.mean(dim=dims) if dims else x
+
+    def broadcast(self, mask: Tensor, feature: Tensor) -> Tensor:
+        """``mask`` (N, C) shaped to multiply ``feature`` (channels at dim 1, or last)."""
+        ones = [1] * (feature.dim() - 2)
+        if self.channels_last:
+            return mask.reshape(mask.shape[0], *ones, mask.shape[1])
+        return mask.reshape(*mask.shape, *ones)
+
     def saliency(self, source: Tensor) -> Tensor:
         """``pi`` of shape (N, C_out), ``>= 0``, from the conv's input ``source``."""
         raise NotImplementedError
@@ -251,8 +272,8 @@ class SaliencyGate(RewriterModule):
                 self.saliency_count.add_(saliency.shape[0])
         self.last_saliency = saliency
         self.last_mask = mask
-        self.last_pooled = feature.mean(dim=tuple(range(2, feature.dim())))
-        return feature * mask.reshape(*mask.shape, *([1] * (feature.dim() - 2)))
+        self.last_pooled = self.pool(feature)
+        return feature * self.broadcast(mask, feature)
 
     # -- losses (the library-wide protocol) ------------------------------------------------
     def aux_loss(self, **context: Any) -> Tensor:
@@ -312,9 +333,10 @@ class SaliencyGate(RewriterModule):
         return state
 
     def extra_repr(self) -> str:
+        layout = ", channels_last=True" if self.channels_last else ""
         return (
             f"layer={self.layer!r}, in_channels={self.in_channels}, "
-            f"out_channels={self.out_channels}, target_keep={self.target_keep}"
+            f"out_channels={self.out_channels}, target_keep={self.target_keep}{layout}"
         )
 
     @staticmethod
@@ -369,7 +391,7 @@ class ManiDPGate(SaliencyGate):
         _init_last_fc(self.fc2, init)
 
     def saliency(self, source: Tensor) -> Tensor:
-        pooled = source.mean(dim=tuple(range(2, source.dim())))
+        pooled = self.pool(source)
         return F.relu(self.fc2(F.relu(self.fc1(pooled)))).clamp(max=SALIENCY_MAX)
 
     def rewriter_macs(self, input_shapes: list[Any], output_shape: Any) -> int:
@@ -410,7 +432,7 @@ class FBSGate(SaliencyGate):
         self.last_scores: Tensor | None = None
 
     def saliency(self, source: Tensor) -> Tensor:
-        scores = F.relu(self.fc(source.abs().mean(dim=tuple(range(2, source.dim())))))
+        scores = F.relu(self.fc(self.pool(source.abs())))
         self.last_scores = scores
         winners = torch.zeros_like(scores).scatter(1, scores.topk(self.k, dim=1).indices, 1.0)
         return scores * winners
@@ -490,8 +512,9 @@ class SaliencyGates(Pass):
     )
     classes: tuple[str, ...] = option(
         (),
-        "conv class names to gate, e.g. ['Conv2d'] (empty: Conv1d/2d/3d)",
-        choices(*_CONV_CLASSES),
+        "class names to gate, e.g. ['Conv2d'], or ['Linear'] for token MLPs only "
+        "(empty: Conv1d/2d/3d and token MLPs)",
+        choices(*_SELECTABLE),
     )
 
     def __post_init__(self) -> None:
@@ -507,11 +530,9 @@ class SaliencyGates(Pass):
             raise ValueError(f"keep must lie in (0, 1], got {self.keep}")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
-        unknown = sorted(set(self.classes) - set(_CONV_CLASSES))
+        unknown = sorted(set(self.classes) - set(_SELECTABLE))
         if unknown:
-            raise ValueError(
-                f"classes {unknown} cannot be gated; supported: {sorted(_CONV_CLASSES)}"
-            )
+            raise ValueError(f"classes {unknown} cannot be gated; supported: {sorted(_SELECTABLE)}")
 
     @property
     def preserves_outputs(self) -> bool:  # type: ignore[override]
@@ -520,13 +541,87 @@ class SaliencyGates(Pass):
 
     def apply(self, gm: fx.GraphModule, ctx: RewriteContext) -> None:
         targets = self.targets(gm, ctx)
+        mlps = self.mlp_targets(gm, ctx)
 
         def gate_conv(ctx: RewriteContext, m: Match) -> fx.Node | None:
             # conv(x) .. anchor -> gate(anchor, x); the conv node itself is unchanged
             return self.insert_gate(ctx, m["conv"]) if m["conv"].name in targets else None
 
+        def gate_mlp(ctx: RewriteContext, m: Match) -> fx.Node | None:
+            # down(act(up(x))) -> down(gate(act(up(x)), x)); the same for act(gate(x)) * up(x)
+            down = m["down"]
+            return self.insert_mlp_gate(ctx, down, mlps[down.name]) if down.name in mlps else None
+
         ctx.apply_rules(
-            [Rule(P.module(*_CONV_CLASSES.values(), name="conv"), gate_conv, "gate_conv")]
+            [
+                Rule(P.module(*_CONV_CLASSES.values(), name="conv"), gate_conv, "gate_conv"),
+                Rule(P.module(nn.Linear, name="down"), gate_mlp, "gate_mlp"),
+            ]
+        )
+
+    def mlp_targets(self, gm: fx.GraphModule, ctx: RewriteContext) -> dict[str, fx.Node]:
+        """Down projections of the token MLPs to gate, by node name, with each MLP's input."""
+        modules = dict(gm.named_modules())
+        out: dict[str, fx.Node] = {}
+        unknown: list[str] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not isinstance(modules[str(node.target)], nn.Linear):
+                continue
+            name = str(node.target)
+            if not selected(
+                name, modules[name], include=self.include, exclude=self.exclude,
+                classes=self.classes or tuple(_SELECTABLE),
+            ):  # fmt: skip
+                continue
+            found = mlp_input(modules, node)
+            if found is None:
+                continue
+            meta = found.meta.get("tensor_meta")
+            if meta is None or not hasattr(meta, "shape"):
+                unknown.append(name)
+            elif len(meta.shape) >= 3:  # tokens (N, ..., C): a 2-D MLP is a classifier head
+                out[node.name] = found
+        if unknown:
+            ctx.note(
+                f"not gated (input shape unknown; give example inputs): {', '.join(unknown)}"
+            )
+        return out
+
+    def insert_mlp_gate(self, ctx: RewriteContext, down: fx.Node, source: fx.Node) -> fx.Node | None:
+        hidden = down.args[0]
+        if not isinstance(hidden, fx.Node) or (
+            hidden.op == "call_module" and isinstance(ctx.module(hidden), SaliencyGate)
+        ):
+            return None  # already gated
+        module = ctx.module(down)
+        ref = module.weight
+        gate = self.make_gate(
+            source.meta["tensor_meta"].shape[-1], module.in_features, str(down.target), True
+        ).to(device=ref.device, dtype=ref.dtype)
+        name = ctx.add_module(down, "gate", gate)
+        with ctx.graph.inserting_before(down):
+            node = ctx.call_module(name, (hidden, source))
+        stack = _containers(down)
+        if stack is not None:  # the gate belongs to the MLP its down projection is in
+            node.meta["nn_module_stack"] = {**stack, name: (name, type(gate))}
+        down.replace_input_with(hidden, node)
+        return down
+
+    def make_gate(
+        self, in_channels: int, out_channels: int, layer: str, channels_last: bool = False
+    ) -> SaliencyGate:
+        """A fresh gate of this pass's style and options."""
+        return GATES[self.style](
+            in_channels,
+            out_channels,
+            layer=layer,
+            target_keep=self.keep,
+            lambda_lasso=self.lambda_lasso,
+            lambda_graph=self.lambda_graph,
+            gamma=self.gamma,
+            init=self.init,
+            channels_last=channels_last,
+            **({"reduction": self.reduction} if self.style == "manidp" else {"l1": self.fbs_l1}),
         )
 
     def targets(self, gm: fx.GraphModule, ctx: RewriteContext) -> set[str]:
@@ -543,7 +638,7 @@ class SaliencyGates(Pass):
                 modules[name],
                 include=self.include,
                 exclude=self.exclude,
-                classes=self.classes,
+                classes=self.classes or tuple(_CONV_CLASSES),
             ):
                 continue
             reason = (
@@ -575,17 +670,9 @@ class SaliencyGates(Pass):
             return None
         module = ctx.module(conv)
         ref = module.weight
-        gate = GATES[self.style](
-            module.in_channels,
-            module.out_channels,
-            layer=str(conv.target),
-            target_keep=self.keep,
-            lambda_lasso=self.lambda_lasso,
-            lambda_graph=self.lambda_graph,
-            gamma=self.gamma,
-            init=self.init,
-            **({"reduction": self.reduction} if self.style == "manidp" else {"l1": self.fbs_l1}),
-        ).to(device=ref.device, dtype=ref.dtype)
+        gate = self.make_gate(module.in_channels, module.out_channels, str(conv.target)).to(
+            device=ref.device, dtype=ref.dtype
+        )
         name = ctx.add_module(conv, "gate", gate)
         with ctx.graph.inserting_after(anchor):
             node = ctx.call_module(name, (anchor, conv.args[0]))
@@ -650,6 +737,55 @@ def _excluded(
     shortcut = {n for b in blocks for n in b.shortcut} & convs
     classifier = {c for c in convs if not (nx.descendants(view, c) & layers)}
     return stem, shortcut, classifier
+
+
+def _op_name(gm_modules: Mapping[str, nn.Module], node: fx.Node) -> str | None:
+    """``node``'s elementwise op name (``mul``, ``gelu``...), or None when it is not one."""
+    if node.op == "call_module":
+        module = gm_modules[str(node.target)]
+        if isinstance(module, ACTIVATION_MODULES):
+            return "activation"
+        return "dropout" if isinstance(module, (nn.Dropout, nn.Identity)) else None
+    if node.op == "call_method":
+        return str(node.target).rstrip("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name.split(".")[0].rstrip("_")  # aten.pow.Tensor_Scalar -> pow
+    return None
+
+
+def mlp_input(modules: Mapping[str, nn.Module], down: fx.Node) -> fx.Node | None:
+    """The input ``x`` of the MLP whose down projection is ``down``, else None.
+
+    An MLP here: ``down``'s input is computed from the outputs of one or more linear
+    layers (``up``; SwiGLU's ``gate`` and ``up``) by elementwise ops only (activations,
+    GPT-2's tanh-GELU formula, SwiGLU's product, dropout), every such linear layer reads
+    the same ``x`` and has ``down.in_features`` outputs.
+    """
+    width = modules[str(down.target)].in_features
+    start = down.args[0] if down.args else None
+    if not isinstance(start, fx.Node):
+        return None
+    producers: list[fx.Node] = []
+    pending, seen = [start], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(modules[str(node.target)], nn.Linear):
+            producers.append(node)
+            continue
+        if _op_name(modules, node) not in _POINTWISE | {"activation"}:
+            return None
+        pending.extend(a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node))
+    sources = {p.args[0] if p.args else None for p in producers}
+    if not producers or len(sources) != 1:
+        return None
+    if any(modules[str(p.target)].out_features != width for p in producers):
+        return None
+    source = sources.pop()
+    return source if isinstance(source, fx.Node) else None
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -997,13 +1133,33 @@ def dynamic_flops(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | Tensor)
             continue
         gate = found[str(node.target)]
         fraction = (gate._last("last_mask") > 0).to(torch.float64).mean(1)
-        keep[_gated_layer(gm, modules, node)] = fraction
+        if gate.channels_last:  # an MLP gate: its input projections, and from it into down
+            for producer in _mlp_producers(modules, node):
+                keep[producer.name] = fraction
+            keep[node.name] = fraction
+        else:
+            keep[_gated_layer(gm, modules, node)] = fraction
         gate_nodes.add(node.name)
     report = flops(gm, inputs, channel_keep=keep)
     batch = report.batch
     gate_total = sum(r.macs for r in report.rows if r.name in gate_nodes)
     dense = (report.total_macs - gate_total) / batch
     return DynamicFlops(report.per_sample, dense, gate_total / batch, keep, report)
+
+
+def _mlp_producers(modules: Mapping[str, nn.Module], gate: fx.Node) -> list[fx.Node]:
+    """The linear layers whose outputs an MLP gate node gates (``up``; SwiGLU's two)."""
+    found, pending, seen = [], [gate.args[0]], set()
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(modules[str(node.target)], nn.Linear):
+            found.append(node)
+        elif _op_name(modules, node) in _POINTWISE | {"activation"}:
+            pending.extend((*node.args, *node.kwargs.values()))
+    return found
 
 
 def _gated_layer(gm: fx.GraphModule, modules: Mapping[str, nn.Module], gate: fx.Node) -> str:

@@ -619,7 +619,7 @@ def test_synflow_default_inputs_follow_the_models_device_and_dtype() -> None:
     gm = net()  # traced in float32 on the CPU
     on_meta = copy.deepcopy(gm).to("meta")
     (ones,) = _ones_like_inputs(on_meta, None)
-    assert ones.device.type == "meta" and ones.shape == (1, 3, 8, 8)
+    assert ones.device.type == "meta" and ones.shape == (2, 3, 8, 8)  # the example batch
     (given,) = _ones_like_inputs(on_meta, (torch.zeros(5, 3, 8, 8),))
     assert given.device.type == "meta"
     double = copy.deepcopy(gm).double()

@@ -100,7 +100,7 @@ def set_constant_saliency(gate: ManiDPGate, values: list[float]) -> None:
         ("mobilenetv2", 19),  # 25 convs - 6 before the first inverted residual with an add
         ("multitask_resnet", 6),
         ("digits_cnn", 2),  # the two-conv stem is not gated: only the block's convs
-        ("vit", 0),  # the patch embedding is the stem; no other conv
+        ("vit", 2),  # one per transformer MLP (depth 2); the patch embedding is the stem
         ("mlp", 0),
     ],
 )
@@ -115,9 +115,13 @@ def test_zoo_gate_counts(name: str, count: int) -> None:
         assert isinstance(gate, ManiDPGate) and isinstance(gate, SaliencyGate)
         assert isinstance(gate, rw.RewriterModule)
         assert gate_name == gate.layer.replace(".", "_") + "_gate"
-        conv = gm.get_submodule(gate.layer)
-        assert isinstance(conv, nn.Conv2d)
-        assert (gate.in_channels, gate.out_channels) == (conv.in_channels, conv.out_channels)
+        layer = gm.get_submodule(gate.layer)
+        if gate.channels_last:  # a token MLP's gate is named after its down projection
+            assert isinstance(layer, nn.Linear) and gate.out_channels == layer.in_features
+            assert gate.in_channels == layer.out_features  # reads the MLP's input (dim -> dim)
+            continue
+        assert isinstance(layer, nn.Conv2d)
+        assert (gate.in_channels, gate.out_channels) == (layer.in_channels, layer.out_channels)
 
 
 def test_resnet8_names_and_report_notes() -> None:
@@ -244,8 +248,14 @@ def test_include_exclude_and_classes() -> None:
     ]
     none = rw.rewrite(model, [("saliency_gates", {"classes": ["Conv1d"]})])
     assert gates(none) == {}
-    with pytest.raises(rw.OptionError, match="Linear"):
-        rw.make_pass(("saliency_gates", {"classes": ["Linear"]}))
+    assert gates(rw.rewrite(model, [("saliency_gates", {"classes": ["Linear"]})])) == {}
+    vit = zoo.create("vit")  # Linear: the token MLPs only; Conv2d: convs only
+    assert len(gates(rw.rewrite(vit, [("saliency_gates", {"classes": ["Linear"]})]))) == 2
+    assert gates(rw.rewrite(vit, [("saliency_gates", {"classes": ["Conv2d"]})])) == {}
+    only = rw.rewrite(vit, [("saliency_gates", {"exclude": ["blocks.0.*"]})])
+    assert [g.layer for g in gates(only).values()] == ["blocks.1.mlp.2"]
+    with pytest.raises(rw.OptionError, match="Conv2d"):
+        rw.make_pass(("saliency_gates", {"classes": ["LayerNorm"]}))
     with pytest.raises(rw.OptionError, match="style"):
         rw.make_pass(("saliency_gates", {"style": "gumbel"}))
     with pytest.raises(rw.OptionError, match="keep"):

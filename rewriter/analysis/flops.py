@@ -565,7 +565,11 @@ def _scales(
 @contextmanager
 def _state_kept(gm: nn.Module) -> Iterator[None]:
     """Restore every buffer and the global RNG after the block (shape propagation)."""
-    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    saved = {  # an expanded constant (stride 0) cannot be written, in place or back
+        name: b.detach().clone()
+        for name, b in gm.named_buffers()
+        if not any(st == 0 and n > 1 for st, n in zip(b.stride(), b.shape, strict=True))
+    }
     with torch.random.fork_rng(devices=[]):
         try:
             yield
