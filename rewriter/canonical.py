@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .modules import RewriterModule
+from .packed_attention import split_packed_qkv
 
 CANONICAL_KEY = "rewriter_canonical"
 
@@ -991,6 +992,7 @@ def canonicalize(gm: fx.GraphModule, source: nn.Module | None = None) -> fx.Grap
     report = CanonicalReport(renamed=dict(previous.renamed) if previous else {})
     work = _Canonicalizer(gm, source, report)
     work.explicit_attention()
+    split_packed_qkv(gm, report)  # packed q/k/v (timm's ViT): rewriter/packed_attention.py
     work.exported_attention()
     work.lift_layers()
     work.out_of_place()

@@ -80,7 +80,7 @@ ZOO_COUNTS = {  # model: (groups, prunable groups)
     "bottleneck_resnet": (12, 10),  # 3 stages + 2 per block + stem-to-block + in/out
     "mobilenetv2": (16, 14),
     "densenet": (8, 6),  # one group per concatenated chunk
-    "vit": (9, 2),  # only the MLP hidden layers are prunable
+    "vit": (7, 4),  # per block: the heads (packed qkv + proj) and the MLP hidden layer
     "multitask_resnet": (9, 6),  # two head outputs
     "digits_cnn": (5, 3),
     "mlp": (4, 2),
@@ -178,12 +178,11 @@ def test_mobilenetv2_depthwise_conv_joins_input_and_output() -> None:
     }
 
 
-def test_vit_heads_and_layernorm_are_reported_not_prunable() -> None:
-    a = zoo_analysis("vit")
+def test_vit_heads_are_prunable_and_layernorm_is_not() -> None:
+    a = zoo_analysis("vit")  # details in tests/test_vit_heads.py
     qkv = a.group_of("blocks.0.attn.qkv")
-    assert not qkv.prunable and "attention heads" in qkv.reason
-    proj_in = a.group_of("blocks.0.attn.proj", "in")
-    assert not proj_in.prunable
+    assert qkv.prunable and qkv.size == 4  # heads across the packed q/k/v and proj
+    assert a.group_of("blocks.0.attn.proj", "in") is qkv
     stream = a.group_of("patch_embed")
     assert not stream.prunable and "LayerNorm" in stream.reason
     assert ("pos_embed", "param") in {(m.layer, m.role) for m in stream.members}
