@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .canonical import canonicalize_with_shapes
 from .frontends import FRONTEND_KEY, Inputs, build_graph, positional
 from .manager import REPORT_KEY, Checks, run_passes
 from .registry import Pass, make_pass
@@ -56,6 +57,8 @@ def rewrite(
             inputs = positional(work, (), example_inputs)
     else:
         gm, inputs = build_graph(work, example_inputs, frontend=frontend, leaves=leaves)
+        # an F.batch_norm whose input rank only shapes tell is lifted now they can be known
+        canonicalize_with_shapes(gm, inputs, source=work)
     gm = run_passes(gm, resolved, inputs, checks or Checks())
     gm.meta[REPORT_KEY].frontend = gm.meta.get(FRONTEND_KEY, "fx")
     return gm

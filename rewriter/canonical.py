@@ -12,7 +12,13 @@ analyses see standard ``call_module`` layers whatever the source:
   / ``nn.GroupNorm`` calls holding the very same parameter tensors. Whatever the
   original forward did after the call (the activation of a norm-act layer) stays in
   the graph after the new layer. A ``num_batches_tracked.add_(1)`` of that module is
-  dropped: the BatchNorm counts itself.
+  dropped: the BatchNorm counts itself. ``F.batch_norm`` needs its input's rank to pick
+  ``BatchNorm1d/2d/3d``: known from a BatchNorm subclass or a conv right before it,
+  otherwise (after a residual add, a pooling...) from recorded shapes, so
+  :func:`canonicalize_with_shapes` (run by :func:`rewriter.rewrite`, and by
+  :func:`rewriter.trace` given ``example_inputs``) lifts the calls the first run kept.
+  ``F.layer_norm``'s ``normalized_shape`` is the weight's shape, also when the graph
+  computes it (``(x.shape[-1],)``).
 * **In-place ops become out-of-place**: ``out += x`` (``operator.iadd``...),
   ``x.add_(y)``, ``x.relu_()``, ``torch.relu_``, ``F.relu(x, inplace=True)``,
   ``F.hardswish/silu/dropout(..., inplace=True)``... An op is rewritten only when no
@@ -60,7 +66,7 @@ fused norm-act layers do.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +79,9 @@ from .packed_attention import split_packed_qkv
 
 CANONICAL_KEY = "rewriter_canonical"
 
-__all__ = ["CanonicalReport", "HeadAttention", "canonical_report", "canonicalize"]
+__all__ = [
+    "CanonicalReport", "HeadAttention", "canonical_report", "canonicalize", "canonicalize_with_shapes"
+]  # fmt: skip
 
 
 @dataclass
@@ -262,7 +270,7 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
     rank = len(shape) if shape is not None else None
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)  # type: ignore[arg-type]
     if cls is None:
-        return "the input's rank is unknown or not 2 to 5"
+        return _RANK_UNKNOWN if rank is None else f"the input is {rank}-d, not 2- to 5-d"
     with torch.device("meta"):
         module = cls(c, eps=float(eps), momentum=float(momentum), track_running_stats=track)
     module.train(training if track else True)
@@ -270,18 +278,48 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
     return _Layer(module, _arg(node, 0, "input"), state)
 
 
+_RANK_UNKNOWN = "the input's rank is unknown (lifted once shapes are recorded)"
+
+
 def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
     shape, weight, bias = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
     eps = _arg(node, 4, "eps", 1e-5)
     if _attr(weight) is None or (bias is not None and _attr(bias) is None):
         return "the weight or bias is not a parameter read with get_attr"
-    if isinstance(shape, fx.Node) or not isinstance(eps, (int, float)):
-        return "the shape or eps is computed in the graph"
-    shape = [int(s) for s in shape] if isinstance(shape, (list, tuple)) else [int(shape)]
+    if not isinstance(eps, (int, float)):
+        return "eps is computed in the graph"
+    # F.layer_norm requires weight.shape == normalized_shape, so the weight tells the shape
+    # also when the graph computes it (``(x.shape[-1],)``); those nodes go with the call
+    computed = _nodes_in(shape)
     with torch.device("meta"):
-        module = nn.LayerNorm(shape, eps=float(eps), bias=bias is not None)
+        module = nn.LayerNorm(list(_tensor(gm, weight).shape), eps=float(eps), bias=bias is not None)
     state = {"weight": weight} | ({"bias": bias} if bias is not None else {})
-    return _Layer(module, _arg(node, 0, "input"), state)
+    return _Layer(module, _arg(node, 0, "input"), state, tuple(computed))
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, out.append)
+    return out
+
+
+_SIZE_READS = frozenset({getattr, operator.getitem})
+
+
+def _erase_dead_sizes(graph: fx.Graph, nodes: tuple[fx.Node, ...]) -> None:
+    """Erase ``nodes`` and what only they read, while unused and size reads
+    (``x.shape``, ``[i]``, ``x.size(...)``)."""
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        pure = (n.op == "call_function" and n.target in _SIZE_READS) or (
+            n.op == "call_method" and n.target in ("size", "dim")
+        )
+        if getattr(n, "_erased", False) or n.users or not pure or n.graph is not graph:
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        todo += [i for i in inputs if i.op != "placeholder"]
 
 
 def _group_norm(gm: fx.GraphModule, node: fx.Node) -> _Layer | str:
@@ -453,6 +491,7 @@ class _Canonicalizer:
         for n in state.values():
             if not n.users:
                 self.graph.erase_node(n)
+        _erase_dead_sizes(self.graph, layer.extra)
         if isinstance(counter, fx.Node):
             getter = counter.args[0]
             self.graph.erase_node(counter)
@@ -1005,3 +1044,28 @@ def canonicalize(gm: fx.GraphModule, source: nn.Module | None = None) -> fx.Grap
                 table[key] = table.get(key, 0) + n
     gm.meta[CANONICAL_KEY] = report
     return gm
+
+
+def canonicalize_with_shapes(
+    gm: fx.GraphModule, inputs: Sequence[Any] | None, source: nn.Module | None = None
+) -> fx.GraphModule:
+    """Canonicalise ``gm`` again once shapes are known, when a call waits for them.
+
+    An ``F.batch_norm`` on a module's own parameters whose input rank the graph does not
+    tell (after a residual add, a pooling, a reshape; not right after a conv or inside a
+    BatchNorm subclass) is kept by the first run; this records shapes on ``inputs`` (an
+    eval-mode, no-grad forward, modes restored) and runs :func:`canonicalize` again, which
+    lifts it and adds to the report. Does nothing when no call waits, when ``inputs`` is
+    ``None``, or when the model fails on them (the pass manager reports that). Used by
+    :func:`rewriter.rewrite` and by :func:`rewriter.trace` given ``example_inputs``.
+    """
+    report = canonical_report(gm)
+    if inputs is None or report is None or not any(w == _RANK_UNKNOWN for _, _, w in report.kept):
+        return gm
+    from .analysis.channels import record_shapes
+
+    try:
+        record_shapes(gm, tuple(inputs))
+    except Exception:
+        return gm
+    return canonicalize(gm, source)

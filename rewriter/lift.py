@@ -480,6 +480,10 @@ _FUNCTIONS: dict[Any, tuple[Callable[..., Any] | str, int, frozenset[str]]] = {
     aten.matmul.default: (torch.matmul, 2, frozenset()),
     aten.select.int: (torch.select, 3, frozenset()),
     aten.adaptive_avg_pool2d.default: (F.adaptive_avg_pool2d, 2, frozenset()),
+    # F.max_pool2d / F.avg_pool2d take the aten arguments in the same order (``stride=[]``
+    # means the kernel size in both) and call the same kernels
+    aten.max_pool2d.default: (F.max_pool2d, 6, frozenset()),
+    aten.avg_pool2d.default: (F.avg_pool2d, 7, frozenset()),
     aten.hardswish.default: (F.hardswish, 1, frozenset()),
     aten.dropout.default: (torch.dropout, 3, frozenset()),
     # in-place ops become their torch-level in-place forms; canonicalisation then makes them

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .canonical import canonicalize
+from .canonical import canonicalize, canonicalize_with_shapes
 from .errors import TraceError
 from .modules import RewriterModule
 
@@ -75,6 +75,7 @@ def trace(
     leaves: Iterable[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     canonical: bool = True,
+    example_inputs: torch.Tensor | Sequence[Any] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into an ``fx.GraphModule`` without mutating it.
 
@@ -89,7 +90,11 @@ def trace(
     with a tensor there fails fx's ``None`` assertion instead of being ignored. The graph is then canonicalised (:func:`rewriter.canonical.canonicalize`:
     functional layers on a module's own parameters become modules, in-place ops become
     out-of-place, ``nn.MultiheadAttention`` becomes explicit); ``canonical=False`` skips
-    that step.
+    that step. With ``example_inputs`` (a tensor or a tuple of positional inputs), shapes
+    are recorded when a call needs them (an ``F.batch_norm`` on a module's own parameters
+    whose input rank the graph does not tell) and canonicalisation runs again
+    (:func:`rewriter.canonical.canonicalize_with_shapes`); :func:`rewriter.rewrite` does
+    that with its example inputs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() expects an nn.Module, got {type(model).__name__}")
@@ -136,6 +141,9 @@ def trace(
             gm.meta["rewriter_source"] = source
         if canonical:
             canonicalize(gm, source=model)
+            if example_inputs is not None:
+                inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+                canonicalize_with_shapes(gm, tuple(inputs), source=model)
         return gm
     raise TraceError(f"gave up tracing {type(model).__name__} after {_MAX_RETRIES} retries")
 

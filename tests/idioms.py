@@ -91,6 +91,31 @@ class FBatchNorm2d(nn.Module):
         )  # fmt: skip
 
 
+class FGroupNorm(nn.Module):
+    """``F.group_norm`` on the module's own affine parameters."""
+
+    def __init__(self, groups: int, c: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, self.groups, self.weight, self.bias, 1e-5)
+
+
+class FLayerNorm(nn.Module):
+    """``F.layer_norm`` over the last dimension on the module's own parameters."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
+
+
 # -- the idiom models and their plain twins ----------------------------------------------------
 
 
@@ -253,6 +278,62 @@ class ViewFlattenNet(PlainNet):
         return x
 
 
+class NormAnywhereBlock(nn.Module):
+    """Functional norms whose input's rank nothing in the graph tells: a GroupNorm closing
+    the branch, and a BatchNorm (not a BatchNorm subclass) after the residual add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.bn1_act = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.gn = FGroupNorm(2, c)
+        self.post = FBatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        branch = self.gn(self.conv2(self.bn1_act(self.bn1(self.conv1(x)))))
+        return self.act(self.post(branch + x))
+
+
+class NormAnywhereNet(nn.Module):
+    """``F.batch_norm`` on a pooled tensor and after a residual add, ``F.group_norm`` and
+    ``F.layer_norm`` (on the pooled features) on the modules' own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = FBatchNorm2d(8)
+        self.bn_act = nn.ReLU()
+        self.block = NormAnywhereBlock(8)
+        self.ln = FLayerNorm(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn_act(self.bn(F.max_pool2d(self.stem(x), 2)))
+        x = torch.flatten(F.adaptive_avg_pool2d(self.block(x), 1), 1)
+        return self.fc(self.ln(x))
+
+
+class PlainNormAnywhereBlock(NormAnywhereBlock):
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.gn = nn.GroupNorm(2, c)  # type: ignore[assignment]
+        self.post = nn.BatchNorm2d(c)  # type: ignore[assignment]
+
+
+class PlainNormAnywhereNet(NormAnywhereNet):
+    """The plain twin of :class:`NormAnywhereNet`: ``nn.BatchNorm2d``/``nn.GroupNorm``/
+    ``nn.LayerNorm`` modules at the same names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)  # type: ignore[assignment]
+        self.block = PlainNormAnywhereBlock(8)
+        self.ln = nn.LayerNorm(8)  # type: ignore[assignment]
+
+
 class MHABlock(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -299,6 +380,7 @@ IDIOMS = [
     Idiom("inplace", InplaceNet, PlainNet),
     Idiom("drop_path", DropPathNet, PlainNet, train_trace=True),
     Idiom("view_flatten", ViewFlattenNet, PlainNet),
+    Idiom("norm_anywhere", NormAnywhereNet, PlainNormAnywhereNet),
 ]
 
 

@@ -80,7 +80,7 @@ def _blocks(gm: fx.GraphModule) -> list[tuple[str, str, int]]:
 def test_traced_idioms_compute_exactly_what_the_model_computes(name: str) -> None:
     model, _ = _source(name)
     x = idioms.inputs()
-    gm = rw.trace(model)
+    gm = rw.trace(model, example_inputs=x)  # norm_anywhere: its F.batch_norm needs shapes
     modes = [True] if _idiom(name).train_trace else [False, True]  # drop-path: traced in train
     for mode in modes:
         model.train(mode)
@@ -123,6 +123,32 @@ def test_functional_layers_become_modules_with_the_same_parameters() -> None:
         model.train(mode)
         net.train(mode)
         assert torch.equal(net(x), model(x))
+
+
+def test_batch_norm_anywhere_lifts_once_shapes_are_known(tmp_path: Path) -> None:
+    """``F.batch_norm`` on a module's own state after a pooling and after a residual add:
+    tracing alone cannot tell the input's rank and keeps the calls with that reason;
+    ``rewrite`` (and ``trace(example_inputs=...)``) record shapes and lift them."""
+    model, plain = _source("norm_anywhere")
+    x = idioms.inputs()
+    report = canonical_report(rw.trace(model))
+    assert report.lifted == {"F.group_norm -> GroupNorm": 1, "F.layer_norm -> LayerNorm": 1}
+    assert [(op, "rank is unknown" in why) for _, op, why in report.kept] == [("F.batch_norm", True)] * 2
+    net = rw.rewrite(model, ["masks"], x)
+    lifted = {"F.batch_norm -> BatchNorm2d": 2, "F.group_norm -> GroupNorm": 1, "F.layer_norm -> LayerNorm": 1}
+    assert canonical_report(net).lifted == lifted and canonical_report(net).kept == []
+    assert "canonical: lifted 2 x F.batch_norm -> BatchNorm2d" in rw.report(net).table()
+    assert _fired(net) == _fired(rw.rewrite(plain, ["masks"], x))
+    gm = rw.trace(model, example_inputs=x)
+    assert canonical_report(gm).lifted == lifted
+    for name in ("bn", "block.post"):
+        assert type(gm.get_submodule(name)) is nn.BatchNorm2d
+    assert set(gm.state_dict()) == set(model.state_dict())
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is getattr]
+    # lifted from .pt2: the same layers, and no aten call left (max_pool2d included)
+    lifted_gm = _front(model, "pt2", x, tmp_path)
+    assert not [n for n in lifted_gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    assert torch.equal(lifted_gm(x), model(x))
 
 
 def test_inplace_ops_become_out_of_place_unless_the_old_value_is_read() -> None:
@@ -323,7 +349,7 @@ def test_idioms_look_like_their_plain_twin(
         plain.eval()
     x = idioms.inputs()
     source = _front(model, front, x, tmp_path)
-    gm = source if isinstance(source, fx.GraphModule) else rw.trace(source)
+    gm = source if isinstance(source, fx.GraphModule) else rw.trace(source, example_inputs=x)
     twin = rw.trace(plain)
 
     assert _groups(gm, x) == _groups(twin, x)
@@ -350,12 +376,12 @@ def test_multihead_attention_vit_looks_like_its_explicit_twin() -> None:
 
 
 @pytest.mark.parametrize("front", ["trace", "pt2"])
-@pytest.mark.parametrize("name", ["fused_norm_act", "functional", "inplace"])
+@pytest.mark.parametrize("name", ["fused_norm_act", "functional", "inplace", "norm_anywhere"])
 def test_slim_is_exact_on_idioms(name: str, front: str, tmp_path: Path) -> None:
     model, _ = _source(name)
     x = idioms.inputs()
     source = _front(model, front, x, tmp_path)
-    gm = source if isinstance(source, fx.GraphModule) else rw.trace(source)
+    gm = source if isinstance(source, fx.GraphModule) else rw.trace(source, example_inputs=x)
     analysis = channel_groups(gm, (x,))
     drops = {g.id: range(g.size // 2) for g in analysis.prunable()}
     assert drops
