@@ -68,6 +68,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
 from rewriter.errors import RewriterError
@@ -301,6 +302,8 @@ def grasp_scores(
     Sign: this is Synaptic-Flow's score, which removes the *lowest* values; GraSP's paper
     scores ``-w * Hg`` and removes the *highest*, the same weights. ``mode="train"``
     scores with BatchNorm batch statistics, as GraSP's reference code (default ``"eval"``).
+    ``scaled_dot_product_attention`` runs its math kernel while scoring: the fused
+    kernels (flash attention on the CPU) cannot be differentiated twice.
     """
     layers = masked_layers(gm)
     weights = [layer.weight for layer in layers.values()]
@@ -310,7 +313,8 @@ def grasp_scores(
         out = tree_map(lambda t: t / temperature if isinstance(t, Tensor) else t, _call(gm, inputs))
         return loss_fn(out, target)
 
-    with _scoring(gm, train=_train(mode)):
+    # the fused attention kernels have no second derivative; the math kernel has
+    with _scoring(gm, train=_train(mode)), sdpa_kernel(SDPBackend.MATH):
         stopped = [torch.zeros_like(w) for w in weights]
         for inputs, target in batches:
             for total, g in zip(stopped, _grad(loss_of(inputs, target), weights), strict=True):

@@ -18,9 +18,27 @@ Placement (ManiDP on any residual network):
   **classifier** (a conv from which no other conv or linear layer is reachable; linear
   layers are never gated). On ``digits_cnn`` the two-conv ``stem`` is left alone, on
   MobileNetV2 every conv before the first inverted residual with an add;
-* ``include`` / ``exclude`` are globs over the conv's qualified name, ``classes`` are
-  class names among ``Conv1d``, ``Conv2d``, ``Conv3d`` (default: all three; transposed
-  convs are never gated).
+* **transformer MLPs** (token inputs ``(N, ..., C)`` with channels last, 3 or more
+  dims): ``down(act(up(x))) => down(gate(act(up(x)), x))``, and for SwiGLU
+  ``down(act(gate(x)) * up(x)) => down(g(act(gate(x)) * up(x), x))``: one gate per MLP,
+  on its hidden channels, between the activation (or the product) and the down
+  projection, its saliency computed from the MLP's input ``x`` (the normed residual
+  stream). An MLP is recognised structurally (:func:`mlp_input`): the down projection's
+  input is made from linear layers that all read the same ``x`` by elementwise ops only
+  (activations, GPT-2's tanh-GELU written out, the SwiGLU product, dropout). The gate
+  is named after the down projection (``layers.0.mlp.down_proj`` ->
+  ``layers_0_mlp_down_proj_gate``), which every form of MLP has exactly once. Nothing
+  else of a transformer is gated: attention projections are not (a head is a unit of
+  several layers' channels, and the paper's per-channel gate has no counterpart for
+  it), nor the patch embedding (the stem). A two-dimensional MLP (a classifier head on
+  pooled features) is not gated, as linear layers are not on CNNs.
+  **Deviation** (token dimension): ``pi`` is computed per sample from ``x`` averaged
+  over all tokens (the counterpart of the global average pool over the image), padded
+  positions included (the attention mask is not read), and applied to every token of
+  that sample; the paper gates conv channels per image and has no token dimension.
+* ``include`` / ``exclude`` are globs over the conv's (an MLP's: its down projection's)
+  qualified name, ``classes`` are class names among ``Conv1d``, ``Conv2d``, ``Conv3d``
+  and ``Linear`` (the MLP gates; default: all four; transposed convs are never gated).
 
 Gate architectures (each gate is a :class:`SaliencyGate`, named ``<conv>_gate`` with
 dots as underscores: ``layer1.0.conv1`` -> ``layer1_0_conv1_gate``):

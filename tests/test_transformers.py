@@ -552,3 +552,139 @@ def test_slim_llama_as_a_hugging_face_folder(lifted, tmp_path) -> None:
         save_hf_folder(uneven, model, tmp_path / "uneven")
     with pytest.raises(RewriterError, match="Llama-family"):
         save_hf_folder(small, lifted["bert"][0], tmp_path / "bert")
+
+
+# -- every seed pass on transformer blocks -------------------------------------------------------
+
+
+def layer_counts(name: str, model: nn.Module) -> dict[str, int]:
+    """What the passes should find, from the config: transformer layers, masked layers, MLPs,
+    residual blocks. Per layer: 4 attention projections (GPT-2 packs q, k, v into one
+    ``c_attn``: 2), 2 MLP layers (SwiGLU: gate, up, down); BERT's pooler and ViT's patch
+    convolution are one more layer each."""
+    config = model.config
+    layers = config.num_hidden_layers
+    attention = 2 if name == "gpt2" else 4
+    swiglu = getattr(config, "hidden_act", None) == "silu" and hasattr(config, "mlp_bias")
+    mlp = 3 if swiglu else 2
+    extra = {"bert": 1, "vit": 1}.get(name, 0)  # pooler dense / patch embedding conv
+    # GPT-2's tanh-GELU ("gelu_new") is written out: x + 0.044715 x^3 is an identity block too
+    gelu_blocks = layers if getattr(config, "activation_function", "") == "gelu_new" else 0
+    return {
+        "layers": layers,
+        "masked": layers * (attention + mlp) + extra,
+        "mlps": layers,
+        "blocks": 2 * layers + gelu_blocks,
+    }
+
+
+def logits_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a lifted HF base model whose output is its hidden states as per-token
+    logits ``(B * S, hidden)``: ``distill`` needs a logits tensor (the base models return a
+    dict of hidden states), with the classes at dim 1."""
+    net = copy.deepcopy(gm)
+    output = next(n for n in net.graph.nodes if n.op == "output")
+    hidden = output.args[0]["last_hidden_state"]
+    with net.graph.inserting_before(output):
+        flat = net.graph.call_function(torch.flatten, (hidden, 0, 1))
+    output.args = (flat,)
+    net.graph.eliminate_dead_code()
+    net.recompile()
+    return net
+
+
+def hidden_of(out) -> torch.Tensor:
+    return out["last_hidden_state"] if isinstance(out, dict) else out
+
+
+def token_loss(out, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the hidden states read as per-token logits over the hidden size."""
+    return nn.functional.cross_entropy(hidden_of(out).reshape(target.numel(), -1), target)
+
+
+def token_targets(inputs: tuple, seed: int = 1) -> torch.Tensor:
+    tokens = hf_models.BATCH * (17 if inputs[0].is_floating_point() else hf_models.SEQ)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, hf_models.HIDDEN, (tokens,), generator=g)
+
+
+def seed_passes(name: str, gm, inputs) -> dict[str, tuple]:
+    """pass id -> (pass spec, expected fired count, graph to rewrite)."""
+    from rewriter.passes.distill import Distill
+    from rewriter.passes.lottery_passes import GraSP, Snip
+
+    n = layer_counts(name, lifted_models[name][0])
+    data = [(inputs, token_targets(inputs))]
+    return {
+        "masks": ("masks", n["masked"], gm),
+        "magnitude": (("magnitude", {"density": 0.5}), 2 * n["masked"], gm),  # mask + prune
+        "snip": (Snip.with_data(data, token_loss, density=0.5), 2 * n["masked"], gm),
+        "grasp": (GraSP.with_data(data, token_loss, density=0.5), 2 * n["masked"], gm),
+        "synflow": (("synflow", {"density": 0.5, "iterations": 5}), 2 * n["masked"], gm),
+        "split_wels": (("split", {"mode": "wels"}), n["masked"], gm),
+        "split_kels": (("split", {"mode": "kels"}), n["masked"], gm),
+        "saliency_gates": ("saliency_gates", n["mlps"], gm),
+        "skip_gates": ("skip_gates", n["blocks"], gm),
+        "distill": (Distill.with_teacher(logits_graph(gm)), 1, logits_graph(gm)),
+    }
+
+
+lifted_models: dict = {}
+SLOW_PASSES = {"grasp", "distill"}
+PASS_IDS = ["masks", "magnitude", "snip", "grasp", "synflow", "split_wels", "split_kels",
+            "saliency_gates", "skip_gates", "distill"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "pass_id",
+    [p if p not in SLOW_PASSES else pytest.param(p, marks=pytest.mark.slow) for p in PASS_IDS],
+)
+@pytest.mark.parametrize("name", list(hf_models.BUILDERS))
+def test_every_seed_pass_on_transformer_blocks(lifted, name: str, pass_id: str) -> None:
+    model, kwargs, gm, inputs = lifted[name]
+    lifted_models.setdefault(name, lifted[name])
+    spec, expected, graph = seed_passes(name, gm, inputs)[pass_id]
+    counts = layer_counts(name, model)
+    assert counts["masked"] == hf_models.linear_count(model) + (name == "vit")  # + patch conv
+    net = rw.rewrite(graph, [spec], inputs)
+    record = rw.report(net).passes[0]
+    assert record.fired == expected, (record.fired, record.notes)
+    if rw.make_pass(spec).preserves_outputs:
+        with torch.no_grad():
+            assert torch.equal(hidden_of(net(*inputs)), hidden_of(graph(*inputs)))
+    if pass_id in ("magnitude", "snip", "grasp", "synflow"):
+        masks = rw.passes.masks.get_masks(net)
+        total = sum(m.numel() for m in masks.values())
+        assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * total)
+    if pass_id == "split_kels":  # the fit part is whole heads (kv groups) and MLP channels
+        layer = attention_layers(name)[0]
+        units = hf_models.KV_HEADS if name == "llama" else hf_models.HEADS
+        per_unit = hf_models.HIDDEN // units
+        o_cols = net.get_submodule(layer["o"]).fit_mask.any(0)
+        assert int(o_cols.sum()) == (units // 2) * per_unit
+        assert torch.equal(o_cols, torch.arange(hf_models.HIDDEN) < (units // 2) * per_unit)
+        down = net.get_submodule(layer["down"]).fit_mask.any(0)
+        up = net.get_submodule(layer["up"]).fit_mask.any(1)
+        assert int(down.sum()) == hf_models.MLP // 2 and torch.equal(up, down)
+    # one training step: the loss is finite and the gradients reach the new parameters
+    net.train()
+    target = token_targets(inputs)
+    out = net(*inputs)
+    loss = token_loss(out, target)
+    if isinstance(out, dict) and "pooler_output" in out:  # BERT's pooler trains too
+        loss = loss + out["pooler_output"].pow(2).mean()
+    if any(callable(getattr(m, "aux_loss", None)) for m in net.modules()):
+        extra = {"targets": target} if pass_id == "distill" else {}
+        loss = loss + rw.aux_losses(net, **extra)
+    loss.backward()
+    assert torch.isfinite(loss)
+    added = [p for m in record.modules_added for p in net.get_submodule(m).parameters()]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in added)
+    if added:
+        assert any(p.grad.abs().sum() > 0 for p in added)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    assert all(m.weight.grad is not None for m in linears)
+    assert sum(m.weight.grad.abs().sum() for m in linears) > 0
+    for m in linears:  # a pruned weight gets no gradient (global SNIP may prune whole layers)
+        if hasattr(m, "weight_mask"):
+            assert not m.weight.grad[m.weight_mask == 0].any()
