@@ -352,8 +352,10 @@ def test_channel_keep_multiplies_input_and_output_fractions() -> None:
 
 def test_channel_keep_flows_through_broadcast_scale() -> None:
     report = flops(Chain(), torch.randn(2, 3, 4, 4), channel_keep={"add": 0.5})
-    # y * scale (1, 8, 1, 1) acts per channel: conv3 reads half of its input channels.
-    assert report.row("mul").keep == report.row("conv3").keep == 0.5
+    # y * scale (1, 8, 1, 1) acts per channel: conv3 reads half of its input channels;
+    # its bias (one addition per output, 8 multiply-adds before it) is added in full
+    assert report.row("mul").keep == 0.5
+    assert report.row("conv3").keep == pytest.approx((0.5 * 8 + 1) / (8 + 1))
 
 
 def test_channel_keep_per_sample_fractions() -> None:
@@ -393,7 +395,7 @@ def test_channel_keep_flows_through_custom_gate_but_does_not_scale_it() -> None:
     gm = rw.trace(model, leaves=[Gate])
     report = flops(gm, torch.randn(1, 3, 2, 2), channel_keep={"0": 0.5})
     assert report.row("_1").kind == "custom" and report.row("_1").keep == 1.0
-    assert report.row("_2").keep == 0.5
+    assert report.row("_2").keep == pytest.approx((0.5 * 4 + 1) / (4 + 1))  # bias kept whole
 
 
 @pytest.mark.parametrize(

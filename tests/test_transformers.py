@@ -246,13 +246,39 @@ def test_slim_half_the_heads_and_mlp_is_exact_against_the_masked_dense_model(
     assert after < before - hf_models.LAYERS * per_layer // 2
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def halved_channels(gm: torch.fx.GraphModule, name: str) -> dict[str, float]:
+    """``channel_keep`` of removing half the heads and half of every MLP: 0.5 on the q, k, v
+    (and MLP input) projections and on every node between them and the o (down) projection,
+    whose input fraction then follows from the flow."""
+    import networkx as nx
+
+    from rewriter.analysis.view import graph
+
+    view = graph(gm)
+    node = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
+    keep = {}
+    for layer in attention_layers(name):
+        for producers, consumer in (("q", "k", "v"), "o"), (("gate", "up"), "down"):
+            end = node[layer[consumer]]
+            for role in (r for r in producers if r in layer):
+                start = node[layer[role]]
+                for n in {start} | (nx.descendants(view, start) & nx.ancestors(view, end)):
+                    keep[n] = 0.5
+    return keep
+
+
+@pytest.mark.parametrize("name", list(hf_models.BUILDERS))
 def test_flops_count_attention_per_head_and_follow_slimming(lifted, name: str) -> None:
     model, kwargs, gm, inputs = lifted[name]
     analysis = rw.analysis.channels.channel_groups(gm, inputs)
     small = rw.slim(gm, inputs, rw.group_masks(analysis, half_of_every_group(analysis)))
     dense_report, small_report = flops(gm, inputs), flops(small, inputs)
-    b, s, d = hf_models.BATCH, hf_models.SEQ, 16
+    # the prediction before slimming, from the channel selection, is exactly the slim cost
+    predicted = flops(gm, inputs, channel_keep=halved_channels(gm, name))
+    assert predicted.expected_macs == small_report.total_macs
+    assert predicted.total_macs == dense_report.total_macs
+    tokens = (16 // 4) ** 2 + 1 if name == "vit" else hf_models.SEQ  # ViT: patches + class
+    b, s, d = hf_models.BATCH, tokens, 16
 
     def attention(report) -> list[int]:
         return [r.macs for r in report.rows if r.kind == "attention"]
@@ -264,10 +290,11 @@ def test_flops_count_attention_per_head_and_follow_slimming(lifted, name: str) -
     assert attention(small_report) == [expected(2)] * hf_models.LAYERS
     linear = [sum(r.macs for r in rep.rows if r.kind == "linear")
               for rep in (dense_report, small_report)]  # fmt: skip
-    # every linear loses half its rows or columns; biases of the o and down projections
-    # (64 outputs each, GPT-2 only) stay whole
+    # every linear of the blocks loses half its rows or columns; biases of the o and down
+    # projections (64 outputs each; Llama has none) stay whole; BERT's pooler is untouched
     kept_biases = 0 if name == "llama" else b * s * 64 * 2 * hf_models.LAYERS
-    assert linear[1] * 2 == linear[0] + kept_biases
+    pooler = b * 64 * 64 + b * 64 if name == "bert" else 0
+    assert (linear[1] - pooler) * 2 == linear[0] - pooler + kept_biases
     assert small_report.total_macs < 0.55 * dense_report.total_macs
 
 

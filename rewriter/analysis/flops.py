@@ -53,8 +53,9 @@ name (every call of it) or an fx node name. The fraction scales MACs as follows:
   depthwise convs reached this way are scaled by it (a custom module's own MACs
   are not);
 * a conv or linear layer whose input carries a fraction ``k_in`` executes only
-  that fraction of its input channels: its MACs are multiplied by ``k_in`` (and by
-  its own output fraction, if it has one). Grouped convs are assumed to keep the
+  that fraction of its input channels: its MACs are multiplied by ``k_in``, except
+  its bias additions (one per output, whatever the inputs), and by its own output
+  fraction, if it has one. Grouped convs are assumed to keep the
   same fraction in every group.
 * The flow stops at anything else: elementwise ops of two full-size tensors
   (residual adds: the other operand keeps all its channels), concatenations,
@@ -353,6 +354,7 @@ class _Cost:
     macs: int
     flow: str = "stop"  # how a channel fraction crosses this node: stop | mix | through
     source: fx.Node | None = None  # the input a fraction flows from
+    bias: int = 0  # MACs of the bias additions (a conv/linear): they do not follow k_in
 
 
 def _first_tensor_input(node: fx.Node) -> fx.Node | None:
@@ -378,12 +380,12 @@ def _module_cost(node: fx.Node, module: nn.Module) -> _Cost:
             macs = _numel(in_shape) * (module.out_channels // module.groups) * kernel
         else:
             macs = numel * (module.in_channels // module.groups) * kernel
-        macs += numel if module.bias is not None else 0
+        bias = numel if module.bias is not None else 0
         depthwise = module.groups > 1 and module.groups == module.in_channels
-        return _Cost("conv", macs, "through" if depthwise else "mix", src)
+        return _Cost("conv", macs + bias, "through" if depthwise else "mix", src, bias)
     if isinstance(module, nn.Linear) and out is not None:
-        macs = numel * module.in_features + (numel if module.bias is not None else 0)
-        return _Cost("linear", macs, "mix", src)
+        bias = numel if module.bias is not None else 0
+        return _Cost("linear", numel * module.in_features + bias, "mix", src, bias)
     if isinstance(module, _NORMS):
         return _Cost("norm", NORM_MACS * numel, "through", src)
     if isinstance(module, _ACTIVATIONS):
@@ -417,15 +419,15 @@ def _function_cost(node: fx.Node) -> _Cost:
             macs = _numel(first_shape) * weight[1] * kernel
         else:
             macs = numel * weight[1] * kernel
-        macs += numel if _arg(node, 2, "bias") is not None else 0
+        bias = numel if _arg(node, 2, "bias") is not None else 0
         depthwise = isinstance(groups, int) and groups > 1 and weight[1] == 1
-        return _Cost("conv", macs, "through" if depthwise else "mix", src)
+        return _Cost("conv", macs + bias, "through" if depthwise else "mix", src, bias)
     if name == "linear":
         weight = _shape(_arg(node, 1, "weight"))
         if weight is None:
             return _Cost("unknown", 0)
         bias = numel if _arg(node, 2, "bias") is not None else 0
-        return _Cost("linear", numel * weight[-1] + bias, "mix", src)
+        return _Cost("linear", numel * weight[-1] + bias, "mix", src, bias)
     if name in _MATMUL_NAMES or name in _ADDMM_NAMES:
         offset = 1 if name in _ADDMM_NAMES else 0
         a = _shape(node.args[offset]) if len(node.args) > offset else None
@@ -546,7 +548,10 @@ def _scales(
         k_in = carried.get(cost.source, 1.0) if cost.source is not None else 1.0
         if cost.flow == "mix":
             out = 1.0 if own is None else own
-            scale[node], carried[node] = k_in * out, out
+            inner = k_in
+            if cost.bias and cost.macs:  # the bias is added once per output, whatever k_in
+                inner = (k_in * (cost.macs - cost.bias) + cost.bias) / cost.macs
+            scale[node], carried[node] = inner * out, out
         elif cost.flow == "through":
             k = k_in if own is None else own
             scale[node] = 1.0 if cost.kind == "custom" and own is None else k
