@@ -27,8 +27,9 @@ the explicit ``q @ k^T`` / ``attn @ v`` (see :mod:`rewriter.analysis.rules_atten
 Recognised: a ``view``/``reshape`` (method or ``torch.reshape``) whose last three sizes are
 plain ints ``(P, H, D)`` with ``P*H*D`` the width of its input's last dim (the input is an
 ``nn.Linear``, or has a recorded shape), read only through one ``permute`` followed by
-``[i]`` / ``.unbind(d)`` along the packed dim (or ``.unbind(d)`` without a permute), every
-projection used at most once. ``P`` may be any count (``2`` for a packed ``kv``).
+``[i]`` / ``.select(d, i)`` / ``.unbind(d)`` along the packed dim (or without a permute),
+in traced graphs and in programs lifted from ``torch.export`` (``torch.select``,
+``aten.unbind``). ``P`` may be any count (``2`` for a packed ``kv``).
 
 *Deviation from the suggested design*: the packed Linear is not split into three Linears
 (which would rename ``qkv.weight`` to ``q.weight``/``k.weight``/``v.weight`` and run three
@@ -93,22 +94,44 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return dims if all(type(d) is int for d in dims) else None
 
 
+_UNBIND = (torch.unbind, torch.ops.aten.unbind.int)
+_SELECT = (torch.select, torch.ops.aten.select.int)
+
+
 def _unbind_dim(node: fx.Node) -> int | None:
-    if node.op == "call_method" and node.target == "unbind":
+    if (node.op == "call_method" and node.target == "unbind") or (
+        node.op == "call_function" and node.target in _UNBIND
+    ):
         return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if node.op == "call_function" and node.target is torch.unbind:
-        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return None
+
+
+def _select(node: fx.Node) -> tuple[Any, Any] | None:
+    """``(dim, index)`` of ``x.select(dim, index)`` / ``torch.select`` (lifted programs)."""
+    if (node.op == "call_method" and node.target == "select") or (
+        node.op == "call_function" and node.target in _SELECT
+    ):
+        if len(node.args) == 3:
+            return node.args[1], node.args[2]
     return None
 
 
 def _selections(tensor: fx.Node, dim: int, ndim: int) -> dict[int, list[fx.Node]] | None:
     """Projection index -> the nodes that select it from ``tensor`` along ``dim``.
 
-    Accepts ``tensor[i]`` (when ``dim`` is 0) and ``tensor.unbind(dim)[i]``; anything else
+    Accepts ``tensor[i]`` (when ``dim`` is 0), ``tensor.select(dim, i)`` and
+    ``tensor.unbind(dim)[i]`` (also their aten forms in lifted programs); anything else
     reading ``tensor`` makes the pattern not apply (``None``).
     """
     found: dict[int, list[fx.Node]] = {}
     for user in tensor.users:
+        picked = _select(user)
+        if picked is not None:
+            d, index = picked
+            if type(d) is not int or (d + ndim if d < 0 else d) != dim or type(index) is not int:
+                return None
+            found.setdefault(index, []).append(user)
+            continue
         if user.op == "call_function" and user.target is operator.getitem:
             index = user.args[1]
             if dim != 0 or type(index) is not int:

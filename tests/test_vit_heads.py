@@ -183,8 +183,8 @@ def test_slim_of_random_head_masks_is_exact(keep: list[bool]) -> None:
     small = rw.slim(gm, (x,), rw.group_masks(a, drops), analysis=a)
     assert (small(x) - masked(x)).abs().max().item() <= 1e-6
     kept = [HEADS - len(heads[b]) for b in range(DEPTH)]
-    counts = [n.args[3] for n in small.graph.nodes if n.op == "call_method" and n.target == "reshape"
-              and len(n.args) == 5]  # fmt: skip
+    reshapes = [n for n in small.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+    counts = [n.args[3] for n in reshapes if len(n.args) == 5]
     assert counts == [kept[b] for b in range(DEPTH) for _ in range(3)]
 
 
@@ -346,6 +346,21 @@ def test_packed_reshape_read_otherwise_is_left_alone() -> None:
     assert operator.getitem not in {n.target for n in gm.graph.nodes}
 
 
+def test_lifted_zoo_vit_gets_the_same_heads() -> None:
+    from rewriter.frontends import export_graph
+
+    model, x = vit(), inputs()
+    gm, args = export_graph(model, (x,), {}, dynamic=False)  # torch.select / aten calls
+    assert canonical_report(gm).lifted[LABEL] == DEPTH
+    assert torch.equal(gm(*args), model(x))
+    a = channel_groups(gm, args)
+    assert [g.size for g in a.prunable()] == [HEADS, 64] * DEPTH
+    drops = head_drops(a, {0: [1, 3], 1: [0, 2]}, mlp=True)
+    masked = rw.mask_channels(copy.deepcopy(gm), a, drops)
+    small = rw.slim(gm, args, rw.group_masks(a, drops), analysis=a)
+    assert (small(*args) - masked(*args)).abs().max().item() <= 1e-6
+
+
 # -- Hugging Face eager attention -------------------------------------------------------------
 
 
@@ -383,13 +398,17 @@ def test_hf_eager_attention_matmuls_couple_heads_like_sdpa() -> None:
 
 @pytest.mark.slow
 def test_slim_vit_trains_under_compile_fullgraph() -> None:
-    _, gm, a = analysed()
-    x = inputs(8)
-    small = rw.slim(gm, (x,), rw.group_masks(a, head_drops(a, {0: [1, 3], 1: [0, 2]}, True)))
-    small.train()
+    torch.manual_seed(0)
+    model = zoo.vit(depth=1, image_size=16)  # one block: fewer kernels to compile
+    x, targets = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
+    gm = rw.trace(model)
+    a = channel_groups(gm, (x,))
+    drops = {a.group_of("blocks.0.attn.qkv").id: [1, 3], a.group_of("blocks.0.mlp.0").id: [0]}
+    small = rw.slim(gm, (x,), rw.group_masks(a, drops), analysis=a).train()
+    assert small.get_submodule("blocks.0.attn.qkv").out_features == 48
     compiled = torch.compile(small, fullgraph=True)
+    assert torch.allclose(compiled(x), small(x), atol=1e-5)
     opt = torch.optim.SGD(small.parameters(), lr=0.05)
-    targets = torch.arange(8) % 10
     losses = []
     for _ in range(4):
         loss = F.cross_entropy(compiled(x), targets)

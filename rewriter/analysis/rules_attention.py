@@ -8,10 +8,20 @@ A *head* is one removable unit across the q, k, v and output projections::
     o_proj(o.transpose(1, 2).reshape(B, S, -1))        # the merge spreads a head over D columns
 
 * ``view``/``reshape`` that splits the channel dim into ``(heads, head_dim)`` joins the
-  ``head_dim`` channels of each head into one unit and follows the head dim from then on
-  (the head count must be ``-1`` or ``x.size(d)`` so that it follows removed heads; the
-  export front end writes ``-1`` where the program had a fixed number, see
-  :func:`rewriter.frontends.free_head_counts`). The merge back is the ordinary reshape rule.
+  ``head_dim`` channels of each head into one unit and follows the head dim from then on.
+  The head count is ``-1``, ``x.size(d)`` or the number of heads written as a number
+  (``view(B, N, 4, 8)``, what :mod:`rewriter.packed_attention` writes for a packed
+  ``qkv``): a number is recorded (a :class:`~rewriter.analysis.channels.ChannelSlice`
+  of kind ``"size"``) and :func:`rewriter.slim.slim` writes the kept head count there.
+  The merge back is the ordinary reshape rule, except that a merge of heads may give the
+  merged width as a number (``reshape(B, N, 32)``) or as another tensor's channel count
+  (timm's ``reshape(B, N, C)`` with ``C`` from ``x.shape``): recorded the same way.
+  Fixed sizes in any other reshape are still refused.
+* ``matmul`` / ``bmm`` / ``@``: operands followed at the same batch dim join unit by unit
+  (``q @ k^T``: query head ``i`` with key head ``i``; ``attn @ v``: attention head ``i``
+  with value head ``i``, so explicit eager attention gives the same units as SDPA, GQA
+  through ``repeat_kv`` included); rows of ``a``, columns of ``b`` and a broadcast batch
+  dim are followed; a contracted dim followed in both operands joins them.
 * ``scaled_dot_product_attention(q, k, v)``: query head ``i``, key head and value head
   ``i`` are one unit. With grouped-query attention (``enable_gqa=True``, or k/v repeated
   with ``expand`` + ``reshape`` as Hugging Face's ``repeat_kv`` does) the unit is a whole
@@ -109,7 +119,7 @@ def head_reshape(c: Coupler, node: fx.Node) -> Value:
     units = tuple(atoms[i * width] for i in range(heads))
     _head_units(c).update(units)
     if fixed:  # slim writes the number of kept heads here
-        c.slices.append(SliceRecord(node.name, "size", h, ((0, heads),), None, units))  # type: ignore[arg-type]
+        c.slices.append(SliceRecord(node.name, _SIZE, h, ((0, heads),), None, units))
     return Tracked(h, units)
 
 
@@ -148,7 +158,7 @@ def head_merge(c: Coupler, node: fx.Node) -> Value:
     if borrowed:
         c.consumed.add(size_arg)
     atoms = flatten_atoms(x, shape_in, a_lo, a_hi - 1)
-    c.slices.append(SliceRecord(node.name, "size", target, ((0, len(atoms)),), None, atoms))  # type: ignore[arg-type]
+    c.slices.append(SliceRecord(node.name, _SIZE, target, ((0, len(atoms)),), None, atoms))
     return Tracked(target, atoms)
 
 
@@ -163,6 +173,7 @@ def _fixed(size: Any, expected: int) -> bool:
     return type(size) is int and size == expected
 
 
+_SIZE: Any = "size"  # a record of a size argument that slim rewrites (dim: its position)
 _HEADS: weakref.WeakKeyDictionary[Coupler, set[int]] = weakref.WeakKeyDictionary()
 
 
