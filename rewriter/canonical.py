@@ -1055,7 +1055,8 @@ def canonicalize_with_shapes(
     tell (after a residual add, a pooling, a reshape; not right after a conv or inside a
     BatchNorm subclass) is kept by the first run; this records shapes on ``inputs`` (an
     eval-mode, no-grad forward, modes restored) and runs :func:`canonicalize` again, which
-    lifts it and adds to the report. Does nothing when no call waits, when ``inputs`` is
+    lifts it and adds to the report (buffers are restored after the recording: a kept
+    call traced in training mode updates running statistics). Does nothing when no call waits, when ``inputs`` is
     ``None``, or when the model fails on them (the pass manager reports that). Used by
     :func:`rewriter.rewrite` and by :func:`rewriter.trace` given ``example_inputs``.
     """
@@ -1064,8 +1065,15 @@ def canonicalize_with_shapes(
         return gm
     from .analysis.channels import record_shapes
 
+    # a kept call traced in training mode has ``training=True`` written into the graph and
+    # would update its running statistics during the (eval-mode) shape recording
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         record_shapes(gm, tuple(inputs))
     except Exception:
         return gm
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
     return canonicalize(gm, source)

@@ -15,12 +15,15 @@ import idioms
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
 from torch import Tensor, fx, nn
 
 import rewriter as rw
 from rewriter.analysis import channel_groups, residual_blocks
 from rewriter.canonical import HeadAttention, canonical_report
 from rewriter.lift import lift, load_pt2
+from rewriter.testing import random_models
+from rewriter.testing.strategies import BatchNormAct2d
 
 NAMES = [i.name for i in idioms.IDIOMS]
 PASSES = [
@@ -149,6 +152,44 @@ def test_batch_norm_anywhere_lifts_once_shapes_are_known(tmp_path: Path) -> None
     lifted_gm = _front(model, "pt2", x, tmp_path)
     assert not [n for n in lifted_gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
     assert torch.equal(lifted_gm(x), model(x))
+
+
+class _NormAround(nn.Module):
+    """A random model between two functional BatchNorms (not BatchNorm subclasses): one on
+    the input (a placeholder: no rank in the graph), one on the 2-d logits."""
+
+    def __init__(self, inner: nn.Module, channels: int, classes: int) -> None:
+        super().__init__()
+        self.bn_in = idioms.FBatchNorm2d(channels)
+        self.inner = inner
+        self.bn_out = idioms.FBatchNorm2d(classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn_out(self.inner(self.bn_in(x)))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rm=random_models(max_ops=8, allow_two_outputs=False))
+def test_batch_norm_anywhere_in_random_graphs_lifts_exactly(rm) -> None:
+    """Random graphs (idiom vocabulary) wrapped in functional BatchNorms: ``rewrite`` lifts
+    every ``F.batch_norm`` (1-d on the logits, 2-d on the input, the fused norm-act layers
+    inside), counts each once, and computes bit-identically in train and eval mode."""
+    x = rm.example_inputs[0]
+    with torch.no_grad():
+        classes = rm.model(x).shape[1]
+    model = _NormAround(rm.model, x.shape[1], classes).train(rm.model.training)
+    net = rw.rewrite(model, [], x)
+    fused = sum(isinstance(m, BatchNormAct2d) for m in rm.model.modules())
+    report = canonical_report(net)
+    assert report.lifted.get("F.batch_norm -> BatchNorm2d") == 1 + fused, rm.description
+    assert report.lifted.get("F.batch_norm -> BatchNorm1d") == 1, rm.description
+    assert not [n for n in net.graph.nodes if n.target is F.batch_norm]
+    assert type(net.get_submodule("bn_out")) is nn.BatchNorm1d
+    for mode in (True, False):
+        model.train(mode)
+        net.train(mode)
+        with torch.no_grad():
+            assert torch.equal(net(x), model(x)), (mode, rm.description)
 
 
 def test_inplace_ops_become_out_of_place_unless_the_old_value_is_read() -> None:
