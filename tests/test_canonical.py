@@ -417,7 +417,7 @@ def test_multihead_attention_vit_looks_like_its_explicit_twin() -> None:
 
 
 @pytest.mark.parametrize("front", ["trace", "pt2"])
-@pytest.mark.parametrize("name", ["fused_norm_act", "functional", "inplace", "norm_anywhere"])
+@pytest.mark.parametrize("name", NAMES)
 def test_slim_is_exact_on_idioms(name: str, front: str, tmp_path: Path) -> None:
     model, _ = _source(name)
     x = idioms.inputs()
@@ -430,8 +430,12 @@ def test_slim_is_exact_on_idioms(name: str, front: str, tmp_path: Path) -> None:
     slim = rw.slim(gm, (x,))
     gm.eval()
     slim.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
+    outputs = []
+    for net in (slim, gm):  # drop-path traced in training mode draws its masks: same seed
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            outputs.append(net(x))
+    torch.testing.assert_close(*outputs, rtol=1e-5, atol=1e-6)
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in gm.parameters())
 
 
