@@ -1151,10 +1151,9 @@ def dynamic_flops(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | Tensor)
             continue
         gate = found[str(node.target)]
         fraction = (gate._last("last_mask") > 0).to(torch.float64).mean(1)
-        if gate.channels_last:  # an MLP gate: its input projections, and from it into down
-            for producer in _mlp_producers(modules, node):
-                keep[producer.name] = fraction
-            keep[node.name] = fraction
+        if gate.channels_last:  # an MLP gate: its input projections and the ops up to it
+            for before in _mlp_region(modules, node):  # (the gate's own cost is not scaled)
+                keep[before.name] = fraction
         else:
             keep[_gated_layer(gm, modules, node)] = fraction
         gate_nodes.add(node.name)
@@ -1165,8 +1164,9 @@ def dynamic_flops(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | Tensor)
     return DynamicFlops(report.per_sample, dense, gate_total / batch, keep, report)
 
 
-def _mlp_producers(modules: Mapping[str, nn.Module], gate: fx.Node) -> list[fx.Node]:
-    """The linear layers whose outputs an MLP gate node gates (``up``; SwiGLU's two)."""
+def _mlp_region(modules: Mapping[str, nn.Module], gate: fx.Node) -> list[fx.Node]:
+    """What an MLP gate node gates: the linear layers feeding it (``up``; SwiGLU's two) and
+    the elementwise ops between them and the gate (activation, product)."""
     found, pending, seen = [], [gate.args[0]], set()
     while pending:
         node = pending.pop()
@@ -1176,6 +1176,7 @@ def _mlp_producers(modules: Mapping[str, nn.Module], gate: fx.Node) -> list[fx.N
         if node.op == "call_module" and isinstance(modules[str(node.target)], nn.Linear):
             found.append(node)
         elif _op_name(modules, node) in _POINTWISE | {"activation"}:
+            found.append(node)
             pending.extend((*node.args, *node.kwargs.values()))
     return found
 

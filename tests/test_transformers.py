@@ -715,3 +715,130 @@ def test_every_seed_pass_on_transformer_blocks(lifted, name: str, pass_id: str) 
     for m in linears:  # a pruned weight gets no gradient (global SNIP may prune whole layers)
         if hasattr(m, "weight_mask"):
             assert not m.weight.grad[m.weight_mask == 0].any()
+
+
+# -- saliency gates on the MLPs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(hf_models.BUILDERS))
+def test_saliency_gates_sit_between_each_mlp_activation_and_its_down_projection(
+    lifted, name: str
+) -> None:
+    from rewriter.passes.saliency import ManiDPGate, gates
+
+    model, kwargs, gm, inputs = lifted[name]
+    plain = rw.rewrite(gm, [], inputs)
+    net = rw.rewrite(gm, ["saliency_gates"], inputs)
+    assert rw.report(net).passes[0].fired == layer_counts(name, model)["mlps"]
+    assert len(net.graph.nodes) == len(plain.graph.nodes) + hf_models.LAYERS  # only the gates
+    for layer in attention_layers(name):
+        down = layer["down"].replace(".", "_")
+        # Before: down(h), h = act(up(x)) (SwiGLU: act(gate(x)) * up(x)); Expected: down(g(h, x))
+        hidden = next(n for n in plain.graph.nodes if n.target == layer["down"]).args[0]
+        gated = next(n for n in net.graph.nodes if n.target == layer["down"])
+        gate = gated.args[0]
+        assert gate.op == "call_module" and gate.target == f"{down}_gate" and gate.users == {
+            gated: None}  # fmt: skip
+        h, x = gate.args
+        assert h.target == hidden.target and len(h.args) == len(hidden.args)
+        up = next(n for n in net.graph.nodes if n.target == layer["up"])
+        assert x is up.args[0]  # the MLP's input (the normed residual stream)
+        assert up in h.args or any(up in a.args for a in h.args if isinstance(a, torch.fx.Node))
+        module = net.get_submodule(gate.target)
+        assert isinstance(module, ManiDPGate) and module.channels_last
+        assert (module.in_channels, module.out_channels) == (hf_models.HIDDEN, hf_models.MLP)
+        assert module.layer == layer["down"]
+    assert len(gates(net)) == hf_models.LAYERS  # attention projections are not gated
+    # identity at insertion, in eval and in training mode (same dropout draws)
+    with torch.no_grad():
+        assert torch.equal(hidden_of(net(*inputs)), hidden_of(gm(*inputs)))
+        net.train(), gm.train()
+        try:
+            torch.manual_seed(3)
+            gated = hidden_of(net(*inputs))
+            torch.manual_seed(3)
+            assert torch.equal(gated, hidden_of(gm(*inputs)))
+        finally:
+            net.eval(), gm.eval()
+    again = rw.rewrite(net, ["saliency_gates"], inputs)  # running twice is a no-op
+    assert rw.report(again).passes[-1].fired == 0
+
+
+def test_mlp_gates_cut_the_mlp_macs_each_sample_executes(lifted) -> None:
+    """FBS keeping the top half of every MLP's channels per sample: the gated MLP layers
+    (gate, up, SiLU, the product, down) run half their MACs, as the config predicts."""
+    from rewriter.passes.saliency import dynamic_flops
+
+    model, kwargs, gm, inputs = lifted["llama"]
+    net = rw.rewrite(gm, [("saliency_gates", {"style": "fbs", "keep": 0.5})], inputs)
+    result = dynamic_flops(net, inputs)
+    s, h, m = hf_models.SEQ, hf_models.HIDDEN, hf_models.MLP
+    mlp = s * (3 * h * m + 2 * m)  # gate, up, down (no biases), SiLU, product; per sample
+    assert result.dense == flops(rw.rewrite(gm, [], inputs), inputs).total_macs / hf_models.BATCH
+    torch.testing.assert_close(
+        result.per_sample,
+        torch.full((hf_models.BATCH,), result.dense - hf_models.LAYERS * mlp / 2 + result.gate_macs,
+                   dtype=torch.float64),
+        rtol=0, atol=1e-6,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_saliency_gated_llama_trains_under_compile_fullgraph(lifted) -> None:
+    from rewriter.passes.saliency import aux_losses
+
+    _, _, gm, inputs = lifted["llama"]
+    net = rw.rewrite(gm, ["saliency_gates"], inputs).train()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    target = token_targets(inputs)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = token_loss(compiled(*inputs), target) + aux_losses(net)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    fc2 = net.get_submodule("layers_0_mlp_down_proj_gate").fc2.weight
+    assert fc2.abs().sum() > 0  # the gate learned to depart from the identity
+
+
+# -- SynFlow's all-ones input has the example batch ---------------------------------------------
+
+
+class FixedBatchNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+
+def test_synflow_runs_on_a_program_exported_with_a_fixed_batch() -> None:
+    from rewriter.passes.masks import get_masks
+
+    torch.manual_seed(0)
+    model, x = FixedBatchNet(), torch.randn(3, 3, 8, 8)
+    gm, inputs = export_graph(model, (x,), {}, dynamic=False)  # view(3, -1) in the program
+    spec = ("synflow", {"density": 0.3, "iterations": 4})
+    exported = rw.rewrite(gm, [spec], inputs)
+    traced = rw.rewrite(model, [spec], x[:1])  # fx, batch of one: the paper's input
+    assert rw.report(exported).passes[0].fired == 4
+    for key, mask in get_masks(traced).items():
+        assert torch.equal(get_masks(exported)[key], mask), key
+
+
+def test_synflow_masks_do_not_depend_on_the_example_batch() -> None:
+    from rewriter.passes.masks import get_masks
+
+    model = rw.zoo.create("resnet8")
+    spec = ("synflow", {"density": 0.1, "iterations": 10})
+    one = rw.rewrite(model, [spec], rw.zoo.example_inputs("resnet8", batch=1))
+    five = rw.rewrite(model, [spec], rw.zoo.example_inputs("resnet8", batch=5))
+    masks = get_masks(one)
+    assert len(masks) == 10 and sum(int(m.sum()) for m in masks.values()) > 0
+    for key, mask in masks.items():
+        assert torch.equal(get_masks(five)[key], mask), key
