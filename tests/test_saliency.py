@@ -21,6 +21,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from small_models import Net
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
@@ -52,6 +53,9 @@ from rewriter.testing import check_compiles, check_pass, random_models
 from rewriter.tracing import owning_modules
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_TOKENS = settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def gate_kwargs(**overrides: object) -> dict[str, object]:
@@ -761,6 +765,72 @@ def test_pass_contracts_on_random_graphs(style: str, rm) -> None:
             assert torch.equal(a, b), rm.description
         for gate in found.values():
             assert torch.equal(gate.last_saliency, torch.ones_like(gate.last_saliency))
+
+
+class TokenBlock(nn.Module):
+    """A transformer-style block: ``x + down(mlp(norm(x)))`` with one of the MLP forms."""
+
+    def __init__(self, dim: int, width: int, form: str, prenorm: bool) -> None:
+        super().__init__()
+        self.form, self.prenorm = form, prenorm
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, width)
+        self.gate = nn.Linear(dim, width, bias=False) if form == "swiglu" else None
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+        self.down = nn.Linear(width, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x) if self.prenorm else x
+        up = self.up(h)
+        if self.form == "swiglu":
+            hidden = F.silu(self.gate(h)) * up
+        elif self.form == "tanh_gelu":  # GPT-2's gelu_new written out
+            hidden = 0.5 * up * (1.0 + torch.tanh(0.7978845608 * (up + 0.044715 * up.pow(3))))
+        elif self.form == "functional":
+            hidden = self.drop(F.relu(up))
+        else:
+            hidden = self.act(up)
+        out = x + self.down(hidden)
+        return out if self.prenorm else self.norm(out)
+
+
+@st.composite
+def token_models(draw: st.DrawFn) -> tuple[nn.Module, tuple[Tensor, ...], int]:
+    """1-3 token blocks (random MLP forms, widths, pre/post-norm) on (B, S, D) inputs, then a
+    classifier MLP on the mean token (2-D: never gated). Returns the model, inputs, MLPs."""
+    dim = draw(st.integers(2, 8))
+    forms = draw(st.lists(st.sampled_from(["gelu", "swiglu", "tanh_gelu", "functional"]),
+                          min_size=1, max_size=3))  # fmt: skip
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    blocks = [TokenBlock(dim, draw(st.integers(1, 12)), f, draw(st.booleans())) for f in forms]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(*blocks)
+            self.head = nn.Sequential(nn.Linear(dim, 6), nn.ReLU(), nn.Linear(6, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.blocks(x).mean(1))
+
+    seq = draw(st.integers(1, 5))
+    x = torch.randn(2, seq, dim, generator=torch.Generator().manual_seed(seq))
+    return Net().eval(), (x,), len(forms)
+
+
+@PROPERTY_TOKENS
+@given(drawn=token_models(), style=st.sampled_from(["manidp", "fbs"]))
+def test_token_mlp_gates_on_random_blocks(drawn, style: str) -> None:
+    model, inputs, mlps = drawn
+    result = check_pass(("saliency_gates", {"style": style, "keep": 1.0}), (model, inputs))
+    found = gates(result.gm)
+    assert result.fired == len(found) == mlps  # one per block's MLP, none on the head
+    assert [g.layer for g in found.values()] == [f"blocks.{i}.down" for i in range(mlps)]
+    out = evaluate(result.gm, inputs)
+    assert torch.equal(out, evaluate(model, inputs))  # exactly the identity at insertion
+    for gate in found.values():
+        assert gate.channels_last and gate.last_saliency.shape == (2, gate.out_channels)
 
 
 # ---------------------------------------------------------------------------
