@@ -208,8 +208,10 @@ class SaliencyGate(RewriterModule):
 
     ``forward(feature, source)`` returns ``feature * mask`` with ``mask = pi * [pi >=
     threshold]`` of shape (N, C_out) broadcast over the spatial dims, where ``pi`` is
-    :meth:`saliency` of ``source`` (the conv's input). Subclasses define ``saliency``,
-    ``regulariser`` (what the sparsity loss penalises) and ``rewriter_macs``.
+    :meth:`saliency` of ``source`` (the conv's input). With ``channels_last`` (the gate of a
+    token MLP) the channels are the last dim of ``feature`` and ``source`` (``(N, S, C)``),
+    pooling is over the tokens and the mask is broadcast over them. Subclasses define
+    ``saliency``, ``regulariser`` (what the sparsity loss penalises) and ``rewriter_macs``.
     """
 
     style: ClassVar[str] = ""
