@@ -361,6 +361,69 @@ def test_lifted_zoo_vit_gets_the_same_heads() -> None:
     assert (small(*args) - masked(*args)).abs().max().item() <= 1e-6
 
 
+class Variant(nn.Module):
+    """Packed-qkv attention written in one of the ways the rewrite recognises."""
+
+    def __init__(self, heads: int, head_dim: int, pick: str, sdpa: bool, packs_last: bool) -> None:
+        super().__init__()
+        dim = heads * head_dim
+        self.heads, self.head_dim, self.pick, self.sdpa = heads, head_dim, pick, sdpa
+        self.packs_last = packs_last  # reshape (B, N, 3, H, D) unbound at dim 2, no permute
+        self.embed, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        t = self.qkv(self.norm(x)).reshape(2, 5, 3, self.heads, self.head_dim)
+        if self.packs_last:
+            u = t.unbind(2)
+            q, k, v = u[0].transpose(1, 2), u[1].transpose(1, 2), u[2].transpose(1, 2)
+        else:
+            t = t.permute(2, 0, 3, 1, 4)
+            if self.pick == "getitem":
+                q, k, v = t[0], t[1], t[2]
+            elif self.pick == "select":
+                q, k, v = t.select(0, 0), t.select(0, 1), t.select(0, 2)
+            else:
+                q, k, v = t.unbind(0)
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim**-0.5, dim=-1) @ v
+        return x + self.proj(o.transpose(1, 2).reshape(2, 5, self.heads * self.head_dim))
+
+
+@settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    heads=st.integers(1, 4),
+    head_dim=st.integers(2, 4),
+    pick=st.sampled_from(["getitem", "select", "unbind"]),
+    sdpa=st.booleans(),
+    packs_last=st.booleans(),
+    data=st.data(),
+)
+def test_random_packed_attention_writings_split_bit_identically_and_slim_exactly(
+    heads: int, head_dim: int, pick: str, sdpa: bool, packs_last: bool, data: st.DataObject
+) -> None:
+    torch.manual_seed(heads * 10 + head_dim)
+    model = Variant(heads, head_dim, pick, sdpa, packs_last).eval()
+    x = torch.randn(2, 5, heads * head_dim)
+    gm = rw.trace(model)
+    assert canonical_report(gm).lifted == {LABEL: 1}
+    assert torch.equal(gm(x), model(x))
+    a = channel_groups(gm, (x,))
+    group = a.group_of("qkv")
+    assert group.prunable and group.size == heads and a.group_of("proj", "in") is group
+    drop = data.draw(st.sets(st.integers(0, heads - 1), max_size=heads - 1), label="drop")
+    drops = {group.id: sorted(drop)}
+    masked = rw.mask_channels(copy.deepcopy(gm), a, drops)
+    small = rw.slim(gm, (x,), rw.group_masks(a, drops), analysis=a)
+    assert (small(x) - masked(x)).abs().max().item() <= 1e-6
+    assert small.get_submodule("qkv").out_features == 3 * head_dim * (heads - len(drop))
+
+
 # -- Hugging Face eager attention -------------------------------------------------------------
 
 

@@ -94,7 +94,12 @@ def head_reshape(c: Coupler, node: fx.Node) -> Value:
     if [k for k in range(a_lo, a_hi) if shape_in[k] != 1] != [x.dim]:
         return reshape(c, node)
     big = [k for k in range(b_lo, b_hi) if shape_out[k] != 1]
-    if len(big) == 1 and big[0] > 0 and shape_out[big[0] - 1] == 1 and raw[big[0] - 1] == -1:
+    if (
+        len(big) == 1
+        and big[0] > 0
+        and shape_out[big[0] - 1] == 1
+        and (raw[big[0] - 1] == -1 or _fixed(raw[big[0] - 1], 1))
+    ):
         big = [big[0] - 1, big[0]]  # one head (multi-query attention's k and v)
     if len(big) != 2:
         return reshape(c, node)
@@ -142,13 +147,16 @@ def head_merge(c: Coupler, node: fx.Node) -> Value:
         or not set(x.atoms) <= _head_units(c)
     ):
         return None
-    found = [g for g in reshape_groups(shape_in, shape_out) or () if g[0] <= x.dim < g[1]]
+    one = shape_in[x.dim] == 1 and x.dim + 1 < len(shape_in)  # a single head: (.., 1, D)
+    key = x.dim + 1 if one else x.dim
+    found = [g for g in reshape_groups(shape_in, shape_out) or () if g[0] <= key < g[1]]
     if not found:
         return None
     a_lo, a_hi, b_lo, b_hi = found[0]
     big = [k for k in range(b_lo, b_hi) if shape_out[k] != 1]
-    if len(big) != 1 or [k for k in range(a_lo, a_hi) if shape_in[k] != 1][:1] != [x.dim]:
+    if len(big) != 1 or [k for k in range(a_lo, a_hi) if shape_in[k] != 1][:1] != [key]:
         return None
+    a_lo = min(a_lo, x.dim)
     target = big[0]
     size_arg = raw[target]
     count = c.val(size_arg)
