@@ -29,19 +29,23 @@ analyses see standard ``call_module`` layers whatever the source:
   bias_k/v, no zero attention, attention weights not used) becomes three ``nn.Linear``
   layers ``q_proj``, ``k_proj``, ``v_proj``, a :class:`HeadAttention` module holding the
   number of heads (it splits heads, runs ``F.scaled_dot_product_attention`` and merges
-  them) and the ``nn.Linear`` ``out_proj``. Traced, the module call is rewritten; in a
-  lifted exported program the ops export leaves for it (the packed ``linear`` on
-  ``P.in_proj_weight``, the ``unflatten``/``unsqueeze``/``transpose``/``squeeze``/
-  ``select`` split of q, k, v, the head ``view``/``transpose``,
-  ``scaled_dot_product_attention``, the ``permute``/``reshape`` merge, ``P.out_proj`` and
-  the ``view``/``transpose`` back) are matched and replaced by the same modules, names
-  and parameters, so both front ends give one graph. Deviation: only packed
-  self-attention (``query is key is value``) without masks, ``is_causal`` or a custom
-  scale is matched in a program; ``need_weights=True`` exports ``bmm`` + ``softmax``
-  (not SDPA), so it keeps one packed ``P.in_proj`` layer (the report says why);
-  cross-attention slices the packed weight in the graph and is left as exported. The
-  attention dropout is taken from the program's SDPA call: a program exported in eval
-  mode gets ``dropout=0.0``.
+  them) and the ``nn.Linear`` ``out_proj``. With ``need_weights=True`` (the module's
+  default; the weights unused) the heads compute as the module does then (``bmm`` of the
+  scaled queries and keys, softmax, dropout, ``bmm`` with the values:
+  ``HeadAttention(need_weights=True)``), else with SDPA, so outputs stay bit-identical.
+  Traced, the module call is rewritten; in a lifted exported program the ops export
+  leaves for it (the packed ``linear`` on ``P.in_proj_weight``, the
+  ``unflatten``/``unsqueeze``/``transpose``/``squeeze``/``select`` split of q, k, v, the
+  head ``view``/``transpose``, then ``scaled_dot_product_attention`` and the
+  ``permute`` merge, or ``mul``/``bmm``/``softmax``/``dropout``/``bmm`` and the
+  ``transpose`` merge with the unused weights' ``view``/``mean``; the ``reshape``,
+  ``P.out_proj`` and the ``view``/``transpose`` back) are matched and replaced by the
+  same modules, names and parameters, so both front ends give one graph. Deviation:
+  only packed self-attention (``query is key is value``) without masks, ``is_causal``
+  or a custom scale is matched in a program; attention whose weights are used keeps one
+  packed ``P.in_proj`` layer (the report says why); cross-attention slices the packed
+  weight in the graph and is left as exported. The attention dropout is read from the
+  program: a program exported in eval mode gets ``dropout=0.0``.
 
 Names (the mapping, also in :attr:`CanonicalReport.renamed`, new name -> original):
 
@@ -65,6 +69,7 @@ fused norm-act layers do.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .errors import RewriterError
 from .modules import RewriterModule
 from .packed_attention import split_packed_qkv
 
@@ -128,18 +134,30 @@ class HeadAttention(RewriterModule):
     ``E`` into ``num_heads`` heads of ``E // num_heads`` channels, runs
     ``F.scaled_dot_product_attention`` (dropout ``dropout`` in training mode only) and
     merges the heads. Channel ``i`` of head ``h`` is channel ``h * E/num_heads + i``.
+
+    ``need_weights=True`` computes what ``nn.MultiheadAttention`` computes when it is asked
+    for its attention weights (its default): ``q * sqrt(1/head_dim)``, ``torch.bmm`` with
+    ``k^T``, softmax, dropout, ``torch.bmm`` with ``v``, on ``(N * H, L, head_dim)``
+    heads. The weights themselves are not returned; the explicit form rounds like the
+    module, where SDPA would round differently (about 1e-7).
     """
 
-    def __init__(self, num_heads: int, dropout: float = 0.0, batch_first: bool = True) -> None:
+    def __init__(
+        self, num_heads: int, dropout: float = 0.0, batch_first: bool = True,
+        need_weights: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.num_heads = int(num_heads)
         self.dropout = float(dropout)
         self.batch_first = bool(batch_first)
+        self.need_weights = bool(need_weights)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:  # fmt: skip
+        if self.need_weights:
+            return self._with_weights(q, k, v, attn_mask, is_causal)
         if not self.batch_first:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         n, lq, e = q.shape
@@ -151,6 +169,28 @@ class HeadAttention(RewriterModule):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask, p, is_causal)
         out = out.transpose(1, 2).reshape(n, lq, -1)
         return out if self.batch_first else out.transpose(0, 1)
+
+    def _with_weights(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """``F.multi_head_attention_forward``'s ``need_weights`` computation."""
+        if attn_mask is not None or is_causal:
+            raise RewriterError(
+                "HeadAttention(need_weights=True) takes no attention mask and no is_causal"
+            )
+        if self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        lq, n, e = q.shape
+        h = self.num_heads
+        qh = q.reshape(lq, n * h, e // h).transpose(0, 1)
+        kh = k.reshape(k.shape[0], n * h, k.shape[2] // h).transpose(0, 1)
+        vh = v.reshape(v.shape[0], n * h, v.shape[2] // h).transpose(0, 1)
+        weights = torch.bmm(qh * math.sqrt(1.0 / float(e // h)), kh.transpose(-2, -1))
+        weights = F.softmax(weights, dim=-1)
+        if self.training and self.dropout > 0.0:
+            weights = F.dropout(weights, p=self.dropout)
+        out = torch.bmm(weights, vh).transpose(0, 1).reshape(lq, n, -1)
+        return out.transpose(0, 1) if self.batch_first else out
 
     def rewriter_macs(self, input_shapes: list[tuple[int, ...]], output_shape: Any) -> int:
         """``Q K^T`` and ``A V`` for every head, and the softmax over the scores (the
@@ -166,7 +206,8 @@ class HeadAttention(RewriterModule):
         return scores * per_head + SOFTMAX_MACS * scores
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, dropout={self.dropout}, batch_first={self.batch_first}"
+        out = f"num_heads={self.num_heads}, dropout={self.dropout}, batch_first={self.batch_first}"
+        return out + (", need_weights=True" if self.need_weights else "")
 
 
 # -- functional layers ------------------------------------------------------------------------
@@ -620,6 +661,9 @@ class _Canonicalizer:
             return "a key padding mask or attention mask is given"
         if call["is_causal"]:
             return "is_causal=True"
+        need_weights = True if call["need_weights"] is None else call["need_weights"]
+        if not isinstance(need_weights, bool):
+            return "need_weights is computed in the graph"
         if any(not isinstance(call[n], fx.Node) for n in ("query", "key", "value")):
             return "query, key or value is not a tensor"
         for user in node.users:
@@ -652,7 +696,8 @@ class _Canonicalizer:
                 )
         out = nn.Linear(e, e, bias=m.out_proj.bias is not None)
         out.weight, out.bias = m.out_proj.weight, m.out_proj.bias
-        holder.add_module("attention", HeadAttention(m.num_heads, m.dropout, m.batch_first))
+        attention = HeadAttention(m.num_heads, m.dropout, m.batch_first, need_weights=need_weights)
+        holder.add_module("attention", attention)
         holder.add_module("out_proj", out)
         holder.train(m.training)
         setattr(parent, leaf, holder)
@@ -722,7 +767,7 @@ class _Canonicalizer:
                     self.report.renamed[f"{prefix}{which}_proj.{kind}"] = (
                         f"{prefix}in_proj_{kind}[{i * e}:{(i + 1) * e}]"
                     )
-        attention = HeadAttention(m.heads, m.dropout, m.batch_first)
+        attention = HeadAttention(m.heads, m.dropout, m.batch_first, m.need_weights)
         holder.add_module("attention", attention)
         holder.add_module("out_proj", out_proj)
         for module in (*(holder.get_submodule(f"{w}_proj") for w in "qkv"), attention):
@@ -761,6 +806,7 @@ class _ExportedAttention:
     batch_first: bool
     chain: list[fx.Node]  # the nodes the explicit form replaces, in graph order
     entry: fx.Node | None = None  # the batch-first input's transpose (dropped when unused)
+    need_weights: bool = False  # the bmm + softmax form of need_weights=True
 
     def size_nodes(self) -> list[fx.Node]:
         """Symbolic sizes the replaced views and reshapes read (dynamic-shape programs)."""
@@ -853,8 +899,8 @@ def _match_exported_attention(gm: fx.GraphModule, linear: fx.Node) -> _ExportedA
         _op(s) != "select" or tuple(s.args[1:]) != (0, i) for i, s in enumerate(selects)
     ):  # fmt: skip
         return "q, k and v are not the three selects of the packed projection"
-    shapes: list[tuple[Any, ...]] = []
-    heads: list[fx.Node] = []
+    swaps: list[fx.Node] = []
+    views: list[tuple[Any, ...]] = []
     for s in selects:
         chain.append(s)
         first = _only_user(s)
@@ -863,39 +909,25 @@ def _match_exported_attention(gm: fx.GraphModule, linear: fx.Node) -> _ExportedA
         swap = _only_user(first)
         if swap is None or not _is_swap(swap, 0, 1, 3):
             return "q, k or v heads are not moved to the batch dimension"
-        second = _only_user(swap)
-        if _op(second) not in ("view", "reshape") or _sizes(second.args[1], 4) is None:
-            return (
-                "q, k or v heads are not viewed as (N, H, L, head_dim) for "
-                "scaled_dot_product_attention (need_weights=True exports bmm + softmax)"
-            )
-        chain.extend((first, swap, second))
-        shapes.append((*first.args[1], *second.args[1]))
-        heads.append(second)
-    if len(set(shapes)) != 1:
+        chain.extend((first, swap))
+        swaps.append(swap)
+        views.append(tuple(first.args[1]))
+    if len(set(views)) != 1:
         return "q, k and v have different head shapes"
-    # (L, N*H, hd) then (N, H, L, hd) on the contiguous (L, N, E) q/k/v: with L, N the same
-    # sizes (ints, or the same symbolic-size nodes) and hd, H ints with H * hd = E, the
-    # middle sizes are forced by the element count, so this is the head split
-    length, _, hd, n, h, length2, hd2 = shapes[0]
-    if type(hd) is not int or type(h) is not int or h * hd != e or (length2, hd2) != (length, hd):
-        return f"the head views {shapes[0]} do not split {e} channels into heads"
-    sdpa = _only_user(heads[0])
-    if _op(sdpa) != "scaled_dot_product_attention" or list(sdpa.args[:3]) != heads:
-        return "q, k and v do not meet in one scaled_dot_product_attention"
-    if any(_only_user(x) is not sdpa for x in heads[1:]):
-        return "q, k or v heads are also read elsewhere"
-    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    defaults = (None, 0.0, False, None, False)
-    options = {k: _arg(sdpa, i + 3, k, d) for i, (k, d) in enumerate(zip(names, defaults, strict=True))}
-    if options["attn_mask"] is not None or options["is_causal"] or options["enable_gqa"]:
-        return "an attention mask, is_causal or grouped query attention"
-    if options["scale"] is not None or not isinstance(options["dropout_p"], (int, float)):
-        return "a scale or a computed dropout probability"
-    chain.append(sdpa)
-    node = step(sdpa, "permute", ([2, 0, 1, 3],))  # type: ignore[assignment]
-    if node is None:
-        return "the heads are not merged by permute(2, 0, 1, 3)"
+    # (L, N*H, hd) on the contiguous (L, N, E) q/k/v: with hd an int dividing E and L the
+    # same size everywhere (an int, or the same symbolic-size node), N*H is forced by the
+    # element count, so this is the head split
+    length, _, hd = views[0]
+    if type(hd) is not int or hd <= 0 or e % hd:
+        return f"the head view {views[0]} does not split {e} channels into heads"
+    h = e // hd
+    if _op(_only_user(swaps[0])) in ("view", "reshape"):
+        matched = _sdpa_heads(swaps, length, h, hd, chain)
+    else:
+        matched = _bmm_heads(swaps, hd, chain)
+    if isinstance(matched, str):
+        return matched
+    node, n, dropout, need_weights = matched
     nxt = _only_user(node)
     if _op(nxt) == "contiguous":
         chain.append(nxt)
@@ -911,7 +943,9 @@ def _match_exported_attention(gm: fx.GraphModule, linear: fx.Node) -> _ExportedA
         return f"{prefix}out_proj is not an nn.Linear"
     back = _only_user(out_proj)
     restored = _sizes(back.args[1], 3) if _op(back) in ("view", "reshape") else None
-    if restored is None or (restored[0], restored[1], restored[2]) != (length, n, e):
+    if restored is None or restored[0] != length or restored[2] != e:
+        return "the output is not viewed back as (L, N, E)"
+    if n is not None and restored[1] != n:
         return "the output is not viewed back as (L, N, E)"
     chain.append(back)
     result, source, batch_first = back, linear.args[0], False
@@ -928,9 +962,110 @@ def _match_exported_attention(gm: fx.GraphModule, linear: fx.Node) -> _ExportedA
     if any(hasattr(holder, f"{w}_proj") for w in "qkv") or hasattr(holder, "attention"):
         return f"{owner or 'the root'} already has a q/k/v_proj or attention attribute"
     return _ExportedAttention(
-        source, weight, bias, out_proj, result, h, float(options["dropout_p"]), batch_first, chain,
-        linear.args[0] if batch_first else None,
+        source, weight, bias, out_proj, result, h, dropout, batch_first, chain,
+        linear.args[0] if batch_first else None, need_weights,
     )  # fmt: skip
+
+
+def _sdpa_heads(
+    swaps: list[fx.Node], length: Any, h: int, hd: int, chain: list[fx.Node]
+) -> tuple[fx.Node, Any, float, bool] | str:
+    """``need_weights=False``: heads viewed as (N, H, L, hd), SDPA, ``permute(2, 0, 1, 3)``.
+    Returns the node before the reshape to (L * N, E), N, the dropout probability and
+    ``need_weights``."""
+    heads = [_only_user(s) for s in swaps]
+    shapes = {tuple(x.args[1]) if _sizes(x.args[1], 4) else None for x in heads if x is not None}
+    if len(heads) != 3 or None in heads or len(shapes) != 1 or None in shapes:
+        return "q, k or v heads are not viewed as (N, H, L, head_dim)"
+    if any(_op(x) not in ("view", "reshape") for x in heads):
+        return "q, k or v heads are not viewed as (N, H, L, head_dim)"
+    n, h2, length2, hd2 = shapes.pop()  # type: ignore[misc]
+    if (h2, length2, hd2) != (h, length, hd):
+        return f"the head views ({n}, {h2}, {length2}, {hd2}) do not split the channels into heads"
+    chain.extend(heads)  # type: ignore[arg-type]
+    sdpa = _only_user(heads[0])  # type: ignore[arg-type]
+    if _op(sdpa) != "scaled_dot_product_attention" or list(sdpa.args[:3]) != heads:
+        return "q, k and v do not meet in one scaled_dot_product_attention"
+    if any(_only_user(x) is not sdpa for x in heads[1:]):  # type: ignore[arg-type]
+        return "q, k or v heads are also read elsewhere"
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, 0.0, False, None, False)
+    options = {k: _arg(sdpa, i + 3, k, d) for i, (k, d) in enumerate(zip(names, defaults, strict=True))}
+    if options["attn_mask"] is not None or options["is_causal"] or options["enable_gqa"]:
+        return "an attention mask, is_causal or grouped query attention"
+    if options["scale"] is not None or not isinstance(options["dropout_p"], (int, float)):
+        return "a scale or a computed dropout probability"
+    chain.append(sdpa)
+    merge = _only_user(sdpa)
+    if _op(merge) != "permute" or list(merge.args[1]) != [2, 0, 1, 3]:
+        return "the heads are not merged by permute(2, 0, 1, 3)"
+    chain.append(merge)
+    return merge, n, float(options["dropout_p"]), False
+
+
+_WEIGHT_READS = frozenset({"view", "reshape", "mean", "squeeze"})
+
+
+def _unused_weights(node: fx.Node) -> list[fx.Node] | None:
+    """``node`` and what reads it, when all of it only reshapes or averages the attention
+    weights and nothing uses the result (what export leaves of ``need_weights=True``)."""
+    if _op(node) not in _WEIGHT_READS:
+        return None
+    out = [node]
+    for user in node.users:
+        more = _unused_weights(user)
+        if more is None:
+            return None
+        out += more
+    return out
+
+
+def _bmm_heads(
+    swaps: list[fx.Node], hd: int, chain: list[fx.Node]
+) -> tuple[fx.Node, Any, float, bool] | str:
+    """``need_weights=True``: ``bmm(q * sqrt(1/hd), k^T)``, softmax, dropout, ``bmm`` with v,
+    ``transpose(0, 1)``; the weights' view/mean, when unused, go too."""
+    q, k, v = swaps
+    scaled, keys = _only_user(q), _only_user(k)
+    if _op(scaled) != "mul" or scaled.args[0] is not q or scaled.args[1] != math.sqrt(1.0 / hd):
+        return "the queries are not scaled by sqrt(1/head_dim) (not an nn.MultiheadAttention)"
+    if keys is None or not _is_swap(keys, -2, -1, 3):
+        return "the keys are not transposed for q @ k^T"
+    scores = _only_user(scaled)
+    if _op(scores) != "bmm" or list(scores.args) != [scaled, keys] or _only_user(keys) is not scores:
+        return "the scores are not bmm(q, k^T)"
+    weights = _only_user(scores)
+    if _op(weights) != "softmax" or tuple(weights.args[1:2]) not in ((-1,), (2,)):
+        return "the scores do not go through softmax over the keys"
+    if any(a is not None for a in weights.args[2:]) or any(weights.kwargs.values()):
+        return "the softmax casts its result"
+    chain.extend((scaled, keys, scores, weights))
+    attn, dropout = weights, 0.0
+    drops = [u for u in weights.users if _op(u) == "dropout"]
+    if len(drops) > 1:
+        return "the attention weights go through more than one dropout"
+    if drops:
+        p, train = _arg(drops[0], 1, "p"), _arg(drops[0], 2, "train")
+        if not isinstance(p, float) or train is not True:
+            return "the attention dropout is not a plain training-mode dropout"
+        attn, dropout = drops[0], p
+        chain.append(attn)
+    outs = [u for u in attn.users if _op(u) == "bmm"]
+    out = outs[0] if len(outs) == 1 else None
+    if out is None or list(out.args) != [attn, v] or _only_user(v) is not out:
+        return "the weights do not multiply the values with bmm"
+    for node in dict.fromkeys((weights, attn)):
+        for user in node.users:
+            if user is not attn and user is not out:
+                more = _unused_weights(user)
+                if more is None:
+                    return "the attention weights are used"
+                chain.extend(more)
+    merge = _only_user(out)
+    if merge is None or not _is_swap(merge, 0, 1, 3):
+        return "the heads are not merged by transpose(0, 1)"
+    chain.extend((out, merge))
+    return merge, None, dropout, True
 
 
 _FRESH_MODULES: tuple[type[nn.Module], ...] = (

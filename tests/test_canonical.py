@@ -284,39 +284,57 @@ def test_lifted_multihead_attention_becomes_what_tracing_makes_of_it() -> None:
 
 
 class _Attention(nn.Module):
-    def __init__(self, batch_first: bool, need_weights: bool) -> None:
+    def __init__(self, batch_first: bool, need_weights: bool, return_weights: bool = False) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first, dropout=0.1)
-        self.need_weights = need_weights
+        self.need_weights, self.return_weights = need_weights, return_weights
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attn(x, x, x, need_weights=self.need_weights)[0]
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        out, weights = self.attn(x, x, x, need_weights=self.need_weights)
+        return (out, weights) if self.return_weights else out
 
 
-def test_lifted_attention_forms_sequence_first_dropout_and_kept_weights() -> None:
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lifted_attention_forms_are_explicit_and_exact(batch_first: bool, need_weights: bool) -> None:
+    """Sequence-first or batch-first; SDPA (``need_weights=False``) or ``bmm`` + softmax with
+    the unused weights' average (``need_weights=True``, the module's default); exported in
+    eval mode and in training mode (attention dropout): the lifted program becomes the traced
+    module's explicit form and computes bit-identically to the program and the module."""
     torch.manual_seed(0)
     x = torch.randn(5, 2, 16)
-    model = _Attention(batch_first=False, need_weights=False).train()
-    ep = torch.export.export(model, (x,))
-    gm = lift(ep)
-    attention = gm.get_submodule("attn.attention")
-    assert (attention.batch_first, attention.dropout, attention.training) == (False, 0.1, True)
-    outputs = []
-    for run in (gm, ep.module()):
-        torch.manual_seed(3)  # the same attention dropout draws
-        outputs.append(run(x))
-    assert torch.equal(*outputs)
-    # need_weights=True exports bmm + softmax, not SDPA: kept, with the reason, packed
-    model = _Attention(batch_first=True, need_weights=True).eval()
+    for train in (False, True):
+        model = _Attention(batch_first, need_weights).train(train)
+        ep = torch.export.export(model, (x,))
+        gm, traced = lift(ep), rw.trace(model)
+        report = canonical_report(gm)
+        assert report.lifted == {"nn.MultiheadAttention -> q/k/v Linear + HeadAttention": 1}
+        assert [n for n, _ in gm.named_modules()] == [n for n, _ in traced.named_modules()]
+        attention = gm.get_submodule("attn.attention")
+        assert attention.extra_repr() == traced.get_submodule("attn.attention").extra_repr() or not train
+        expected = (batch_first, 0.1 if train else 0.0, need_weights)
+        assert (attention.batch_first, attention.dropout, attention.need_weights) == expected
+        assert [n.op for n in gm.graph.nodes].count("call_function") == 0  # nothing left over
+        outputs = []
+        for run in (gm, ep.module(), traced, model):
+            torch.manual_seed(3)  # the same attention dropout draws
+            outputs.append(run(x))
+        for other in outputs[1:]:
+            assert torch.equal(outputs[0], other), (train, len(outputs))
+
+
+def test_lifted_attention_whose_weights_are_used_keeps_its_packed_projection() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = _Attention(batch_first=True, need_weights=True, return_weights=True).eval()
     ep = torch.export.export(model, (x,))
     gm = lift(ep)
     report = canonical_report(gm)
     assert report.lifted == {"aten.linear -> Linear": 1}
-    assert [(op, "need_weights=True" in why) for _, op, why in report.kept] == [
-        ("nn.MultiheadAttention (exported)", True)
-    ]
+    assert report.kept == [("linear", "nn.MultiheadAttention (exported)", "the attention weights are used")]
     assert type(gm.get_submodule("attn.in_proj")) is nn.Linear
-    assert torch.equal(gm(x), ep.module()(x))
+    for got, expected in zip(gm(x), ep.module()(x), strict=True):
+        assert torch.equal(got, expected)
     # the export front end's dynamic batch: symbolic sizes in the head views
     model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
     net = rw.rewrite(model, ["masks"], x, frontend="export")
