@@ -46,6 +46,10 @@ analyses see standard ``call_module`` layers whatever the source:
   packed ``P.in_proj`` layer (the report says why); cross-attention slices the packed
   weight in the graph and is left as exported. The attention dropout is read from the
   program: a program exported in eval mode gets ``dropout=0.0``.
+* **Packed q/k/v become one tensor per projection** (:mod:`rewriter.packed_attention`):
+  ``qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)[i]`` (timm's ViT, the zoo
+  ``vit``) becomes ``torch.split(qkv(x), [H*D] * 3, -1)[i].reshape(B, N, H, D)`` and the
+  remaining permute; the packed layer and its parameters are kept (nothing is renamed).
 
 Names (the mapping, also in :attr:`CanonicalReport.renamed`, new name -> original):
 
