@@ -517,6 +517,41 @@ def test_canonical_idiom_graphs_compile_and_train() -> None:
         assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
+def test_lifted_attention_compiles_and_trains() -> None:
+    """A lifted ``nn.MultiheadAttention`` ViT (``need_weights=True`` form in the second
+    block), masked: fullgraph compile (aot_eager: the graph and autograd, not inductor's
+    kernels) gives the eager outputs and a few SGD steps lower the loss."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs(8)
+    block = model.blocks[1]
+
+    def forward(t: Tensor) -> Tensor:  # the module's default need_weights=True
+        h = block.norm1(t)
+        t = t + block.attn(h, h, h)[0]
+        return t + block.mlp(block.norm2(t))
+
+    block.forward = forward
+    gm = lift(torch.export.export(model, (x,)))
+    assert [gm.get_submodule(f"blocks.{i}.attn.attention").need_weights for i in (0, 1)] == [False, True]
+    net = rw.rewrite(gm, ["masks"], x)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+    net.train()
+    target = torch.arange(x.shape[0]) % 5
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(compiled(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+
+
 # -- deep nets: the numeric check and SynFlow ---------------------------------------------------
 
 
