@@ -146,7 +146,10 @@ def test_slim_half_the_heads_and_half_the_mlp_is_exact_and_cuts_macs() -> None:
         masked.train(mode), small.train(mode)
         assert (small(x) - masked(x)).abs().max().item() <= 1e-6
     rep = small.meta["rewriter_slim"]
-    assert rep.removed == 2 * (2 + 32) and rep.params_before == 21_098
+    assert rep.removed == 2 * (2 + 32) and (rep.params_before, rep.params_after) == (21_098, 12_746)
+    zeroed = rw.slim(masked, (x,))  # without masks: the zeroed heads and channels go
+    assert zeroed.meta["rewriter_slim"].removed == rep.removed
+    assert (zeroed(x) - masked(x)).abs().max().item() <= 1e-6
     assert node_args(small, "call_method", "reshape").count((-1, TOKENS, 2, HEAD_DIM)) == 3 * DEPTH
     assert node_args(small, "call_method", "reshape").count((-1, TOKENS, 16)) == DEPTH
     assert [tuple(m.weight.shape) for n, m in small.named_modules() if n.endswith("attn.qkv")] == [

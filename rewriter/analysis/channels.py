@@ -171,7 +171,9 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class ChannelSlice:
-    """A node whose arguments count channels: ``split``/``chunk`` sizes or slice bounds.
+    """A node whose arguments count channels: ``split``/``chunk`` sizes, slice bounds, or
+    (kind ``"size"``) a size argument of a ``view``/``reshape`` at position ``dim`` (a head
+    count or merged head width written as a number; ``slim`` writes the kept count there).
 
     ``positions[p]`` is the ``(group id, group channel)`` at position ``p`` of the input's
     channel dim (``None`` where no layer owns the channel); ``bounds`` are the
@@ -180,7 +182,7 @@ class ChannelSlice:
     """
 
     node: str
-    kind: Literal["split", "slice"]
+    kind: Literal["split", "slice", "size"]
     dim: int
     bounds: tuple[tuple[int, int], ...]
     item: int | None

@@ -471,10 +471,15 @@ class LayerRecord:
 
 @dataclass(frozen=True)
 class SliceRecord:
-    """A node whose arguments count channels (split sizes, slice bounds) along ``dim``."""
+    """A node whose arguments count channels (split sizes, slice bounds) along ``dim``.
+
+    Kind ``"size"``: one size argument of a ``view``/``reshape`` (a head count or a merged
+    head width written as a number), at position ``dim`` of its sizes; ``bounds`` is
+    ``((0, n),)`` and slimming writes the number of kept positions there.
+    """
 
     node: str
-    kind: Literal["split", "slice"]
+    kind: Literal["split", "slice", "size"]
     dim: int
     bounds: tuple[tuple[int, int], ...]
     item: int | None

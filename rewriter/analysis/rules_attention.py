@@ -124,7 +124,7 @@ def head_reshape(c: Coupler, node: fx.Node) -> Value:
     units = tuple(atoms[i * width] for i in range(heads))
     _head_units(c).update(units)
     if fixed:  # slim writes the number of kept heads here
-        c.slices.append(SliceRecord(node.name, _SIZE, h, ((0, heads),), None, units))
+        c.slices.append(SliceRecord(node.name, "size", h, ((0, heads),), None, units))
     return Tracked(h, units)
 
 
@@ -166,7 +166,7 @@ def head_merge(c: Coupler, node: fx.Node) -> Value:
     if borrowed:
         c.consumed.add(size_arg)
     atoms = flatten_atoms(x, shape_in, a_lo, a_hi - 1)
-    c.slices.append(SliceRecord(node.name, _SIZE, target, ((0, len(atoms)),), None, atoms))
+    c.slices.append(SliceRecord(node.name, "size", target, ((0, len(atoms)),), None, atoms))
     return Tracked(target, atoms)
 
 
@@ -181,7 +181,6 @@ def _fixed(size: Any, expected: int) -> bool:
     return type(size) is int and size == expected
 
 
-_SIZE: Any = "size"  # a record of a size argument that slim rewrites (dim: its position)
 _HEADS: weakref.WeakKeyDictionary[Coupler, set[int]] = weakref.WeakKeyDictionary()
 
 
