@@ -364,17 +364,31 @@ def _synflow_once(gm: nn.Module, ones: Sequence[Tensor]) -> Scores:
     return scores
 
 
+_CASTS = {"to", "_to_copy", "type", "_assert_tensor_metadata"}
+_NARROWING = {"float", "half", "bfloat16"}
+
+
 def pins_float_dtype(gm: nn.Module) -> bool:
-    """Whether ``gm``'s graph names a floating dtype (an export's ``_assert_tensor_metadata``
-    or ``aten.to(x, torch.float32)``), so that it cannot run in float64."""
+    """Whether ``gm``'s graph casts to, or asserts, a floating dtype other than float64 (an
+    export's ``_assert_tensor_metadata``, ``aten.to(x, torch.float32)``, ``x.float()``), so
+    that it cannot run in float64. Creation ops with a dtype (``zeros``) promote and do not
+    count."""
     if not isinstance(gm, fx.GraphModule):
         return False
     for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
+        if node.op == "call_method":
+            name = str(node.target)
+        elif node.op == "call_function":
+            name = getattr(node.target, "__name__", "").split(".")[0]
+        else:
             continue
-        for value in (*node.args, *node.kwargs.values()):
-            if isinstance(value, torch.dtype) and value.is_floating_point:
-                return True
+        if node.op == "call_method" and name in _NARROWING:
+            return True
+        if name in _CASTS and any(
+            isinstance(v, torch.dtype) and v.is_floating_point and v != torch.float64
+            for v in (*node.args, *node.kwargs.values())
+        ):
+            return True
     return False
 
 
