@@ -427,6 +427,46 @@ def test_random_packed_attention_writings_split_bit_identically_and_slim_exactly
     assert small.get_submodule("qkv").out_features == 3 * head_dim * (heads - len(drop))
 
 
+class Products(nn.Module):
+    """Matrix products whose channels sit in a contracted dim, the columns and the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 4)
+        self.mix = nn.Parameter(torch.randn(5, 5))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gram = self.a(x) @ self.b(x).transpose(1, 2)  # contracted: a and b channels join
+        c = self.c(x)
+        mixed = torch.matmul(self.mix, c)  # c's channels are the columns of b
+        rows = torch.bmm(c.transpose(1, 2), gram)  # ... and the rows of a
+        return self.out(mixed + rows.transpose(1, 2))
+
+
+def test_matmul_follows_contracted_row_and_column_channels() -> None:
+    torch.manual_seed(0)
+    model, x = Products().eval(), torch.randn(2, 5, 6)
+    gm = rw.trace(model)
+    a = channel_groups(gm, (x,))
+    ab, c = a.group_of("a"), a.group_of("c")
+    assert [(m.layer, m.role) for m in ab.members] == [("a", "out"), ("b", "out")]
+    assert [(m.layer, m.role) for m in c.members] == [("c", "out"), ("out", "in")]
+    assert ab.prunable and c.prunable and (ab.size, c.size) == (8, 4)
+    drops = {ab.id: [0, 3, 5, 6], c.id: [1, 2]}
+    masked = rw.mask_channels(copy.deepcopy(gm), a, drops)
+    small = rw.slim(gm, (x,), rw.group_masks(a, drops), analysis=a)
+    assert (small(x) - masked(x)).abs().max().item() <= 1e-5
+    assert (small.a.out_features, small.c.out_features, small.out.in_features) == (4, 2, 2)
+
+    class Mixed(Products):  # a computed (not followed) matrix over the channels: blocked
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.c(x) @ torch.relu(self.mix[:4, :4]))
+
+    blocked = channel_groups(rw.trace(Mixed()), (x,)).group_of("c")
+    assert not blocked.prunable and "cannot follow" in (blocked.reason or "")
+
+
 # -- Hugging Face eager attention -------------------------------------------------------------
 
 
