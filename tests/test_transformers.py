@@ -783,6 +783,18 @@ def test_mlp_gates_cut_the_mlp_macs_each_sample_executes(lifted) -> None:
     )  # fmt: skip
 
 
+def test_saliency_gated_llama_round_trips_through_save_and_load(lifted, tmp_path) -> None:
+    _, _, gm, inputs = lifted["llama"]
+    net = rw.rewrite(gm, [("saliency_gates", {"style": "fbs", "keep": 0.5})], inputs)
+    loaded = rw.load(rw.save(net, tmp_path / "gated.safetensors", source="hf_models:llama"))
+    gate = loaded.eval().get_submodule("layers_0_mlp_down_proj_gate")
+    assert gate.channels_last and gate.k == hf_models.MLP // 2
+    with torch.no_grad():
+        out = hidden_of(loaded(*inputs))
+        assert torch.equal(out, hidden_of(net(*inputs)))
+        assert not torch.equal(out, hidden_of(gm(*inputs)))  # top-half gates change outputs
+
+
 @pytest.mark.slow
 def test_saliency_gated_llama_trains_under_compile_fullgraph(lifted) -> None:
     from rewriter.passes.saliency import aux_losses
