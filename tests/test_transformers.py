@@ -635,12 +635,12 @@ def token_targets(inputs: tuple, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, hf_models.HIDDEN, (tokens,), generator=g)
 
 
-def seed_passes(name: str, gm, inputs) -> dict[str, tuple]:
+def seed_passes(name: str, model: nn.Module, gm, inputs) -> dict[str, tuple]:
     """pass id -> (pass spec, expected fired count, graph to rewrite)."""
     from rewriter.passes.distill import Distill
     from rewriter.passes.lottery_passes import GraSP, Snip
 
-    n = layer_counts(name, lifted_models[name][0])
+    n = layer_counts(name, model)
     data = [(inputs, token_targets(inputs))]
     return {
         "masks": ("masks", n["masked"], gm),
@@ -656,7 +656,6 @@ def seed_passes(name: str, gm, inputs) -> dict[str, tuple]:
     }
 
 
-lifted_models: dict = {}
 SLOW_PASSES = {"grasp", "distill"}
 PASS_IDS = ["masks", "magnitude", "snip", "grasp", "synflow", "split_wels", "split_kels",
             "saliency_gates", "skip_gates", "distill"]  # fmt: skip
@@ -669,8 +668,7 @@ PASS_IDS = ["masks", "magnitude", "snip", "grasp", "synflow", "split_wels", "spl
 @pytest.mark.parametrize("name", list(hf_models.BUILDERS))
 def test_every_seed_pass_on_transformer_blocks(lifted, name: str, pass_id: str) -> None:
     model, kwargs, gm, inputs = lifted[name]
-    lifted_models.setdefault(name, lifted[name])
-    spec, expected, graph = seed_passes(name, gm, inputs)[pass_id]
+    spec, expected, graph = seed_passes(name, model, gm, inputs)[pass_id]
     counts = layer_counts(name, model)
     assert counts["masked"] == hf_models.linear_count(model) + (name == "vit")  # + patch conv
     net = rw.rewrite(graph, [spec], inputs)
