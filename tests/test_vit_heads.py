@@ -499,6 +499,27 @@ def test_hf_eager_attention_matmuls_couple_heads_like_sdpa() -> None:
     assert small.get_submodule("layers.0.self_attn.k_proj").out_features == 16
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit"])
+def test_every_tiny_hf_model_with_eager_attention_slims_exactly(name: str) -> None:
+    hf_models = pytest.importorskip("hf_models")
+    from rewriter.frontends import export_graph
+
+    model, kwargs = hf_models.BUILDERS[name]()
+    model.set_attn_implementation("eager")  # explicit matmul + softmax, no SDPA
+    gm, args = export_graph(model, (), kwargs, dynamic=False)
+    assert not any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
+    assert sum(n.target is torch.matmul for n in gm.graph.nodes) == 2 * hf_models.LAYERS
+    a = channel_groups(gm, args)
+    units = hf_models.KV_HEADS if name == "llama" else hf_models.HEADS
+    assert [g.size for g in a.prunable()] == [units, hf_models.MLP] * hf_models.LAYERS
+    drops = {g.id: list(range(g.size // 2)) for g in a.prunable()}
+    masked = rw.mask_channels(copy.deepcopy(gm), a, drops)
+    small = rw.slim(gm, args, rw.group_masks(a, drops), analysis=a)
+    out, ref = small(*args), masked(*args)
+    assert (out["last_hidden_state"] - ref["last_hidden_state"]).abs().max().item() <= 1e-5
+
+
 # -- compile ----------------------------------------------------------------------------------
 
 
