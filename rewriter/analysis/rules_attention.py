@@ -137,14 +137,16 @@ def head_merge(c: Coupler, node: fx.Node) -> Value:
     the ordinary reshape rule, which refuses fixed channel counts.
     """
     x = c.tracked(node.args[0])
+    heads = _HEADS.get(c)
+    if x is None or not heads or not len(x.atoms) or x.atoms[0] not in heads:
+        return None
     shape_in, shape_out = c.shape(node.args[0]), c.shape(node)
     raw = _raw_sizes(node)
     if (
-        x is None
-        or shape_in is None
+        shape_in is None
         or shape_out is None
         or len(raw) != len(shape_out)
-        or not set(x.atoms) <= _head_units(c)
+        or not set(x.atoms) <= heads
     ):
         return None
     one = shape_in[x.dim] == 1 and x.dim + 1 < len(shape_in)  # a single head: (.., 1, D)
@@ -363,7 +365,9 @@ def mean(c: Coupler, node: fx.Node) -> Value:
         and (src.target in (torch.square, aten.square.default) or arg(src, 1, "exponent") == 2)
     )
     if x is not None and shape is not None and squares and isinstance(dims, (list, tuple, int)):
-        dims = [norm_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        dims = [
+            norm_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])
+        ]
         if x.dim in dims:
             c.block(
                 x.atoms,
