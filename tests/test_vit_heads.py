@@ -243,6 +243,7 @@ def test_passes_see_the_same_weights_as_on_separate_q_k_v() -> None:
     assert [g.size for g in a_twin.prunable()] == [g.size for g in ANALYSED[2].prunable()]
 
     net, twin_net = rw.rewrite(model, ["masks"], x), rw.rewrite(twin, ["masks"], x)
+    assert torch.equal(net(x), model(x)) and torch.equal(twin_net(x), twin(x))
     masks, twin_masks = get_masks(net), get_masks(twin_net)
     # masks: one layer qkv where the twin has q, k and v (2 fewer per block), same weights
     assert rw.report(net).passes[0].fired == 2 + 4 * DEPTH == len(masks)
@@ -287,6 +288,28 @@ def test_slim_vit_round_trips_through_save_and_load(tmp_path) -> None:
     assert torch.equal(loaded(x), small(x))
     assert node_args(loaded, "call_method", "reshape").count((-1, TOKENS, 1, HEAD_DIM)) == 3
     assert loaded.get_submodule("blocks.0.attn.qkv").weight.shape == (72, 32)
+
+
+@pytest.mark.slow
+def test_slim_vit_loads_in_a_fresh_process(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    x = inputs()
+    net = rw.rewrite(vit(), ["masks"], x)
+    a = channel_groups(net, (x,))
+    small = rw.slim(net, (x,), rw.group_masks(a, head_drops(a, {0: [1, 3], 1: [0, 2]}, True)))
+    rw.save(small, tmp_path / "vit.safetensors", source="zoo:vit")
+    torch.save((x, small(x).detach()), tmp_path / "expected.pt")
+    code = f"""
+import torch, rewriter as rw
+x, ref = torch.load({str(tmp_path / "expected.pt")!r})
+gm = rw.load({str(tmp_path / "vit.safetensors")!r}).eval()
+print(gm.get_submodule("blocks.1.attn.qkv").out_features, torch.equal(gm(x), ref))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["48", "True"]
 
 
 # -- other packed-attention writings ----------------------------------------------------------
