@@ -144,6 +144,12 @@ class HeadAttention(RewriterModule):
     ``k^T``, softmax, dropout, ``torch.bmm`` with ``v``, on ``(N * H, L, head_dim)``
     heads. The weights themselves are not returned; the explicit form rounds like the
     module, where SDPA would round differently (about 1e-7).
+
+    Head ``h`` (its q, k and v channels and merged output channels) is one unit of the
+    channel analysis (:func:`rewriter.analysis.rules_channels.head_attention`);
+    :func:`rewriter.slim.slim` removes whole heads and sets ``num_heads`` to the kept
+    count. The head dim is the input width over ``num_heads``, so it and the attention
+    scale stay the same.
     """
 
     def __init__(

@@ -7,7 +7,9 @@ BatchNorm / InstanceNorm / RBN / GroupNorm parameters and running statistics, PR
 slopes, per-channel attributes such as positional embeddings), with ``split`` /
 ``chunk`` sizes, channel slices and the fixed head counts and merged widths of attention
 reshapes (``view(B, N, 4, 8)`` -> ``view(B, N, 2, 8)``, ``reshape(B, N, 32)`` ->
-``reshape(B, N, 16)``) rewritten. The groups come from
+``reshape(B, N, 16)``) rewritten, and the ``num_heads`` of
+:class:`~rewriter.canonical.HeadAttention` (what ``nn.MultiheadAttention`` becomes) set to
+the number of kept heads. The groups come from
 :func:`rewriter.analysis.channels.channel_groups`.
 
 Semantics: removing a channel removes it from its *whole group*. The slim model computes
@@ -610,7 +612,9 @@ def _rewrite_slices(
             before.append(before[-1] + k)
         bounds = [(before[lo], before[hi]) for lo, hi in record.bounds]
         node = nodes[record.node]
-        if record.kind == "size":
+        if record.kind == "size" and node.op == "call_module":
+            _set_heads(gm, node, bounds[0][1] - bounds[0][0])
+        elif record.kind == "size":
             _set_size(node, record.dim, bounds[0][1] - bounds[0][0])
         elif record.kind == "split":
             sizes = [hi - lo for lo, hi in bounds]
@@ -630,6 +634,18 @@ def _rewrite_slices(
                     obj,
                     tuple(new_slice if i == record.item else it for i, it in enumerate(index)),
                 )
+
+
+def _set_heads(gm: fx.GraphModule, node: fx.Node, value: int) -> None:
+    """Write the kept head count on the module a ``call_module`` node calls
+    (:class:`~rewriter.canonical.HeadAttention`'s ``num_heads``; its constructor config and
+    ``rewriter_macs`` read it from there)."""
+    module = gm.get_submodule(str(node.target))
+    if not isinstance(getattr(module, "num_heads", None), int):
+        raise RewriterError(
+            f"internal error: {type(module).__name__} {node.target!r} has no num_heads to set"
+        )
+    module.num_heads = value
 
 
 def _set_size(node: fx.Node, position: int, value: int) -> None:

@@ -8,6 +8,7 @@ channel groups, residual blocks and slimming must agree.
 
 from __future__ import annotations
 
+import copy
 import operator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, fx, nn
 
 import rewriter as rw
@@ -240,21 +242,159 @@ def test_multihead_attention_becomes_qkv_linears_and_visible_heads() -> None:
     assert _fired(net) == [2 * 6 + 2]  # q, k, v, out, two MLP linears per block; patch + head
 
 
-def test_explicit_heads_let_value_channels_be_slimmed_per_head() -> None:
+def _head_groups(analysis, blocks: int = 2) -> list:
+    """The head group of each block of an :class:`idioms.MHAViT` (found by its q_proj)."""
+    return [analysis.group_of(f"blocks.{i}.attn.q_proj") for i in range(blocks)]
+
+
+def test_multihead_attention_heads_are_whole_units() -> None:
+    """Before: ``nn.MultiheadAttention`` traced to q/k/v/out linears + ``HeadAttention``.
+    Expected: one group per block whose ``num_heads`` channels are whole heads across the q,
+    k, v rows and the out_proj columns (4 rows / columns of each per head)."""
     torch.manual_seed(0)
     model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
+    analysis = channel_groups(rw.trace(model), (x,))
+    heads = _head_groups(analysis)
+    assert len({g.id for g in heads}) == 2
+    for i, group in enumerate(heads):
+        p = f"blocks.{i}.attn"
+        assert group.prunable and group.size == 4, group.reason
+        assert sorted((m.layer, m.role, m.span, tuple(m.indices)) for m in group.members) == [
+            (f"{p}.{name}", role, 4, (0, 4, 8, 12))
+            for name, role in [("k_proj", "out"), ("out_proj", "in"), ("q_proj", "out"), ("v_proj", "out")]
+        ]  # fmt: skip
+        same = {analysis.group_of(f"{p}.{w}_proj").id for w in "kv"}
+        assert same == {group.id}
+    assert sum(len(g.members) == 4 and g.size == 4 for g in analysis.prunable()) == 2
+
+
+def _masked_and_slim(
+    gm: fx.GraphModule, x: Tensor, drops: dict[int, list[int]]
+) -> tuple[nn.Module, fx.GraphModule]:
+    analysis = channel_groups(gm, (x,))
+    heads = _head_groups(analysis)
+    group_drops = {heads[block].id: chosen for block, chosen in drops.items()}
+    masked = rw.mask_channels(copy.deepcopy(gm), analysis, group_drops)
+    return masked, rw.slim(gm, (x,), rw.group_masks(analysis, group_drops), analysis=analysis)
+
+
+@pytest.mark.parametrize("front", ["trace", "pt2"])
+def test_slim_removes_whole_multihead_attention_heads(front: str, tmp_path: Path) -> None:
+    """Half the heads of every block go (q/k/v rows and out_proj columns, ``num_heads`` 4 ->
+    2): exact against the head-masked dense model, FLOPs as ``channel_keep`` predicts, and
+    the slim model saves and loads as an artifact."""
+    from rewriter.analysis.flops import flops
+
+    torch.manual_seed(0)
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
+    gm = rw.rewrite(_front(model, front, x, tmp_path), [], x)  # a result save() takes
+    masked, slim = _masked_and_slim(gm, x, {0: [0, 2], 1: [1, 2]})
+    with torch.no_grad():
+        dense, want, got = gm(x), masked(x), slim(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (want - dense).abs().max() > 1e-3  # the dropped heads did contribute
+    for i in range(2):
+        attn = slim.get_submodule(f"blocks.{i}.attn")
+        assert attn.attention.num_heads == 2
+        assert [getattr(attn, f"{w}_proj").out_features for w in "qkv"] == [8, 8, 8]
+        assert attn.out_proj.in_features == 8 and attn.out_proj.out_features == 16
+    keep = {f"blocks.{i}.attn.{m}": 0.5 for i in range(2)
+            for m in ("q_proj", "k_proj", "v_proj", "attention")}  # fmt: skip
+    predicted = flops(gm, x, channel_keep=keep)
+    assert predicted.expected_macs == flops(slim, x).total_macs < predicted.total_macs
+    path = rw.save(slim, tmp_path / "slim.safetensors", source="idioms:MHAViT")
+    loaded = rw.load(path).eval()
+    assert loaded.get_submodule("blocks.1.attn.attention").num_heads == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_slim_heads_of_every_attention_form(batch_first: bool, need_weights: bool) -> None:
+    """Sequence-first or batch-first, SDPA or the ``need_weights`` form: head 1 of 4 goes
+    and the slim module computes what the head-masked one computes."""
+    torch.manual_seed(0)
+    model = _Attention(batch_first, need_weights).eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
     gm = rw.trace(model)
     analysis = channel_groups(gm, (x,))
-    value = analysis.group_of("blocks.0.attn.v_proj")
-    assert value.prunable and value.size == 4  # head dim 4, channel i of the 4 heads together
-    assert not analysis.group_of("blocks.0.attn.q_proj").prunable
-    assert "attention scale" in analysis.group_of("blocks.0.attn.k_proj").reason
-    rw.mask_channels(gm, analysis, {value.id: [1, 3]})
-    slim = rw.slim(gm, (x,))
-    assert slim.get_submodule("blocks.0.attn.v_proj").out_features == 8
-    assert slim.get_submodule("blocks.0.attn.out_proj").in_features == 8
+    group = analysis.group_of("attn.q_proj")
+    assert group.prunable and group.size == 4
+    masked = rw.mask_channels(copy.deepcopy(gm), analysis, {group.id: [1]})
+    slim = rw.slim(gm, (x,), rw.group_masks(analysis, {group.id: [1]}), analysis=analysis)
+    assert slim.get_submodule("attn.attention").num_heads == 3
     with torch.no_grad():
-        torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(slim(x), masked(x), rtol=1e-5, atol=1e-6)
+        assert (masked(x) - gm(x)).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_slim_multihead_attention_vit_compiles_and_trains() -> None:
+    """Half the heads of an ``nn.MultiheadAttention`` ViT removed: fullgraph compile gives
+    the eager outputs and a few SGD steps lower the loss."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs(8)
+    gm = rw.trace(model)
+    _, net = _masked_and_slim(gm, x, {0: [0, 1], 1: [2, 3]})
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+    net.train()
+    target = torch.arange(x.shape[0]) % 5
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(compiled(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+
+
+class _MaskedHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = idioms.ExplicitAttention(16, 4)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        a = self.attn
+        return a.out_proj(a.attention(a.q_proj(x), a.k_proj(x), a.v_proj(x), mask))
+
+
+def test_heads_with_an_attention_mask_are_not_prunable() -> None:
+    """An attention mask tensor is not followed per head: the heads are blocked, with why."""
+    x, mask = torch.randn(2, 5, 16), torch.zeros(5, 5)
+    analysis = channel_groups(rw.trace(_MaskedHeads()), (x, mask))
+    group = analysis.group_of("attn.q_proj")
+    assert not group.prunable and "q/k/v channels are not followed per head" in group.reason
+
+
+_MHA_GM: dict[str, fx.GraphModule] = {}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    keep=st.lists(
+        st.lists(st.booleans(), min_size=4, max_size=4).filter(any), min_size=2, max_size=2
+    )
+)
+def test_slim_any_head_mask_is_exact(keep: list[list[bool]]) -> None:
+    """Any heads removed, at least one kept per block: the slim model computes what the
+    head-masked dense model computes, with ``num_heads`` = the kept heads."""
+    if "gm" not in _MHA_GM:
+        torch.manual_seed(0)
+        _MHA_GM["gm"] = rw.trace(idioms.MHAViT().eval())
+    gm, x = _MHA_GM["gm"], idioms.vit_inputs()
+    drops = {b: [h for h in range(4) if not k[h]] for b, k in enumerate(keep)}
+    masked, slim = _masked_and_slim(gm, x, drops)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), masked(x), rtol=1e-5, atol=1e-6)
+    for b, k in enumerate(keep):
+        assert slim.get_submodule(f"blocks.{b}.attn.attention").num_heads == sum(k)
+        assert slim.get_submodule(f"blocks.{b}.attn.out_proj").in_features == 4 * sum(k)
 
 
 def test_lifted_multihead_attention_becomes_what_tracing_makes_of_it() -> None:
@@ -356,15 +496,18 @@ def test_lifted_multihead_attention_vit_looks_like_its_explicit_twin() -> None:
     fired = {str(p): _fired(rw.rewrite(gm, [p], x)) for p in passes}
     assert fired == {str(p): _fired(rw.rewrite(plain, [p], x)) for p in passes}
     assert fired["masks"] == [2 * 6 + 2] and fired["skip_gates"] == [4]
-    # slim is exact: channels 0 and 1 of every value head (head dim 4 -> 2), half the MLP
+    # slim is exact: heads 0 and 1 of every block (whole heads: 4 -> 2), half the MLP
     analysis = channel_groups(gm, (x,))
     drops = {g.id: range(g.size // 2) for g in analysis.prunable()}
     value = analysis.group_of("blocks.0.attn.v_proj")
     assert value.id in drops and value.size == 4
+    assert value.id == analysis.group_of("blocks.0.attn.q_proj").id
     rw.mask_channels(gm, analysis, drops)
     slim = rw.slim(gm, (x,))
     assert slim.get_submodule("blocks.0.attn.v_proj").out_features == 8
+    assert slim.get_submodule("blocks.0.attn.q_proj").out_features == 8
     assert slim.get_submodule("blocks.0.attn.out_proj").in_features == 8
+    assert slim.get_submodule("blocks.0.attn.attention").num_heads == 2
     with torch.no_grad():
         torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)
 

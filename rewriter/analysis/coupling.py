@@ -475,7 +475,9 @@ class SliceRecord:
 
     Kind ``"size"``: one size argument of a ``view``/``reshape`` (a head count or a merged
     head width written as a number), at position ``dim`` of its sizes; ``bounds`` is
-    ``((0, n),)`` and slimming writes the number of kept positions there.
+    ``((0, n),)`` and slimming writes the number of kept positions there. On a
+    ``call_module`` node (:class:`~rewriter.canonical.HeadAttention`) it is the module's
+    ``num_heads``, which slimming sets.
     """
 
     node: str

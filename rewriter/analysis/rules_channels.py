@@ -35,7 +35,7 @@ from rewriter.passes.norm import RepresentativeBatchNorm2d
 
 from ..canonical import HeadAttention
 from ..modules import RewriterModule
-from .coupling import Coupler, Handler, Tracked, Value, arg, describe
+from .coupling import Coupler, Handler, SliceRecord, Tracked, Value, arg, describe
 from .rules_structure import (
     cat,
     flatten,
@@ -235,26 +235,42 @@ def prelu(c: Coupler, node: fx.Node) -> Value:
 def head_attention(c: Coupler, node: fx.Node) -> Value:
     """:class:`rewriter.canonical.HeadAttention`: ``(q, k, v) -> heads merged``.
 
-    Output channel ``h * dv + i`` is value channel ``h * dv + i``; heads must stay equal,
-    so value channel ``i`` of every head is one group channel (like a grouped conv's
-    balanced channels). Query and key channels are blocked: the attention scale is
-    ``1/sqrt(head dim)``, which removing them would change.
+    Head ``h`` is one removable unit: query channels ``h*dq .. (h+1)*dq``, the same key
+    channels, value channels ``h*dv .. (h+1)*dv`` and the merged output channels of head
+    ``h`` (output channel ``h*dv + i`` is value channel ``h*dv + i``, read by the output
+    projection's input columns) all join one group channel, as the SDPA rule of
+    :mod:`rewriter.analysis.rules_attention` does for Hugging Face attention. The head
+    count is recorded (a ``"size"`` record on this call) and :func:`rewriter.slim.slim`
+    sets the module's ``num_heads`` to the number of kept heads. The head dim never
+    changes, so the attention scale ``1/sqrt(head dim)`` stays what it was: removing a
+    head removes its whole ``softmax(q k^T) v`` term, and the kept heads compute exactly
+    what they computed before.
+
+    *Choice:* whole heads are the only unit. Slimming the value head dim (channel ``i``
+    of every head together, what this rule offered before) cannot coexist with whole
+    heads in one partition (uniting both joins every channel of the attention into one
+    group channel), and whole heads are the standard unit of head pruning. Query/key
+    channels are not slimmed within a head (that would change the attention scale).
     """
     name = str(node.target)
     heads = c.modules[name].num_heads
     q, k, v = (c.tracked(a) for a in node.args[:3])
     extra = [a for a in [*node.args[3:], *node.kwargs.values()] if isinstance(a, fx.Node)]
     what = describe(node)
-    for t in (q, k):
-        if t is not None:
-            c.block(t.atoms, f"{what}: query/key channels set the attention scale 1/sqrt(head dim)")
-    shape = c.shape(node.args[2])
-    if v is None or extra or shape is None or v.dim != len(shape) - 1 or len(v.atoms) % heads:
-        c.block_inputs(node, f"{what}: its value channels are not followed per head")
+    shapes = [c.shape(a) for a in node.args[:3]]
+    followed = all(
+        t is not None and s is not None and t.dim == len(s) - 1 and len(t.atoms) % heads == 0
+        for t, s in zip((q, k, v), shapes, strict=True)
+    )
+    if extra or not followed or q is None or k is None or v is None or len(q.atoms) != len(k.atoms):
+        c.block_inputs(node, f"{what}: its q/k/v channels are not followed per head")
         return None
-    per = len(v.atoms) // heads
-    for j in range(1, heads):
-        c.union(v.atoms[:per], v.atoms[j * per : (j + 1) * per])
+    dq, dv = len(q.atoms) // heads, len(v.atoms) // heads
+    units = tuple(v.atoms[h * dv] for h in range(heads))
+    for t, per in ((q, dq), (k, dq), (v, dv)):
+        for h in range(heads):
+            c.union(t.atoms[h * per : (h + 1) * per], [units[h]] * per)
+    c.slices.append(SliceRecord(node.name, "size", 0, ((0, heads),), None, units))
     return Tracked(v.dim, v.atoms)
 
 
