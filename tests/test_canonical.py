@@ -354,6 +354,31 @@ def test_slim_multihead_attention_vit_compiles_and_trains() -> None:
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
+def test_slim_multihead_attention_vit_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model, x = idioms.MHAViT().eval(), idioms.vit_inputs()
+    gm = rw.rewrite(model, [], x)
+    _, slim = _masked_and_slim(gm, x, {0: [1, 3], 1: [0, 1, 2]})
+    rw.save(slim, tmp_path / "mha.safetensors", source="idioms:MHAViT")
+    with torch.no_grad():
+        torch.save((x, slim(x)), tmp_path / "expected.pt")
+    code = f"""
+import torch, rewriter as rw
+x, ref = torch.load({str(tmp_path / "expected.pt")!r})
+gm = rw.load({str(tmp_path / "mha.safetensors")!r}).eval()
+heads = [gm.get_submodule(f"blocks.{{i}}.attn.attention").num_heads for i in (0, 1)]
+with torch.no_grad():
+    print(*heads, gm.get_submodule("blocks.1.attn.out_proj").in_features, torch.equal(gm(x), ref))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["2", "1", "4", "True"]
+
+
 class _MaskedHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
