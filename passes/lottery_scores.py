@@ -26,10 +26,16 @@ Scores (higher = more important; every criterion keeps the highest):
   attention masks) are all ones as well: every token is id 1 and every position is
   attended. The paper is data-free on images; here the signal entering the first layer
   is the absolute embedding of token 1 (plus the position embeddings), the closest
-  data-free analogue of its all-ones image. **dtype**: scores are computed in float64,
-  as the paper does, unless the graph pins a floating dtype (programs from
-  ``torch.export`` assert ``float32`` and cast with ``aten.to``: GPT-2, Llama); those
-  score in the model's own dtype (an overflow is still an error).
+  data-free analogue of its all-ones image. **dtype**: scores are computed on a float64
+  copy, as the paper does. Casts inside the model (Llama's RMSNorm and rotary
+  embeddings compute in float32, GPT-2 casts its attention mask) stay: they limit
+  precision and range only where they are, and the scores are those of the model run
+  on float64 state and inputs. Lifted ``.pt2`` programs no longer assert ``float32``
+  (:func:`rewriter.lift.lift` drops export's ``_assert_tensor_metadata``), so GPT-2 and
+  Llama score in float64 too. Only a graph that cannot run in float64 scores in the
+  model's own dtype: one that asserts a floating dtype (:func:`pins_float_dtype`), or
+  whose float64 run fails (a cast to float32 meeting float64 weights in a matmul,
+  ``fc(x.float())``). An overflow is an error in either case.
 
 Masks (:func:`prune`): the kept count is exactly ``round(density * n)``, ``n`` the number
 of prunable weights (global scope, the default) or of each layer's weights (``"layer"``
@@ -336,15 +342,29 @@ def synflow_scores(gm: nn.Module, inputs: Sequence[Tensor] | None = None) -> Sco
     """
     ones = _ones_like_inputs(gm, inputs)
     with _scoring(gm, train=False, absolute=True):
-        return _synflow_once(gm, ones)
+        return _synflow_once(gm, ones, _runs_in_float64(gm, ones))
 
 
-def _synflow_once(gm: nn.Module, ones: Sequence[Tensor]) -> Scores:
-    """Scores computed in float64, as the paper does (the model's tensors are converted for
-    the call and restored to their dtype; masks set afterwards keep the model's dtype),
-    or in the model's dtype when the graph pins one (see the module docs)."""
+def _runs_in_float64(gm: nn.Module, ones: Sequence[Tensor]) -> bool:
+    """Whether SynFlow can score ``gm`` in float64: its graph asserts no other floating
+    dtype and a float64 forward on ``ones`` runs (casts to float32 that meet float64
+    weights in a matmul make it fail; that error recurs in the model's dtype if it is
+    not about dtypes)."""
+    if pins_float_dtype(gm):
+        return False
+    try:
+        with in_float64(gm), torch.no_grad():
+            gm(*[t.double() if t.is_floating_point() else t for t in ones])
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _synflow_once(gm: nn.Module, ones: Sequence[Tensor], wide: bool) -> Scores:
+    """Scores computed in float64 (``wide``), as the paper does (the model's tensors are
+    converted for the call and restored to their dtype; masks set afterwards keep the
+    model's dtype), else in the model's dtype (see :func:`_runs_in_float64`)."""
     layers = masked_layers(gm)
-    wide = not pins_float_dtype(gm)
     with in_float64(gm) if wide else nullcontext():
         weights = [layer.weight for layer in layers.values()]
         signal = [t.double() if wide and t.is_floating_point() else t for t in ones]
@@ -356,7 +376,15 @@ def _synflow_once(gm: nn.Module, ones: Sequence[Tensor]) -> Scores:
             name: (w * g).detach().abs() for name, w, g in zip(layers, weights, grads, strict=True)
         }
     if not all(torch.isfinite(s).all() for s in scores.values()):
-        where = "even in float64" if wide else "(scored in the model's dtype: the graph pins it)"
+        if not wide:
+            where = "(scored in the model's dtype: the graph cannot run in float64)"
+        elif narrowing_casts(gm):
+            where = (
+                f"in float64 ({narrowing_casts(gm)} casts in the graph to a narrower floating "
+                "dtype, e.g. an RMSNorm computing in float32, limit the range where they are)"
+            )
+        else:
+            where = "even in float64"
         raise RewriterError(
             f"SynFlow scores overflowed {where} (the all-ones signal through the "
             "absolute-valued network is too large)"
@@ -364,32 +392,55 @@ def _synflow_once(gm: nn.Module, ones: Sequence[Tensor]) -> Scores:
     return scores
 
 
-_CASTS = {"to", "_to_copy", "type", "_assert_tensor_metadata"}
+_CASTS = {"to", "_to_copy", "type"}
 _NARROWING = {"float", "half", "bfloat16"}
 
 
+def _narrower(value: Any) -> bool:
+    return isinstance(value, torch.dtype) and value.is_floating_point and value != torch.float64
+
+
+def _op_name(node: fx.Node) -> str | None:
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "").split(".")[0]
+    return None
+
+
 def pins_float_dtype(gm: nn.Module) -> bool:
-    """Whether ``gm``'s graph casts to, or asserts, a floating dtype other than float64 (an
-    export's ``_assert_tensor_metadata``, ``aten.to(x, torch.float32)``, ``x.float()``), so
-    that it cannot run in float64. Creation ops with a dtype (``zeros``) promote and do not
-    count."""
+    """Whether ``gm``'s graph asserts a floating dtype other than float64 (export's
+    ``aten._assert_tensor_metadata``, left in graphs of ``ExportedProgram.module()``;
+    :func:`rewriter.lift.lift` drops them), so that it cannot run on float64 copies.
+
+    Casts (``aten.to(x, torch.float32)``, ``x.float()``, counted by
+    :func:`narrowing_casts`) do not pin: they are the model's semantics and limit
+    precision only where they are (Llama's RMSNorm computes in float32). A graph whose
+    casts make a float64 run fail is found by running it (SynFlow then scores in the
+    model's dtype)."""
     if not isinstance(gm, fx.GraphModule):
         return False
+    return any(
+        _op_name(node) == "_assert_tensor_metadata"
+        and any(_narrower(v) for v in (*node.args, *node.kwargs.values()))
+        for node in gm.graph.nodes
+    )
+
+
+def narrowing_casts(gm: nn.Module) -> int:
+    """How many casts to a floating dtype other than float64 ``gm``'s graph makes
+    (``aten.to``/``_to_copy``/``type`` with such a dtype, ``x.float()``, ``x.half()``,
+    ``x.bfloat16()``). Creation ops with a dtype (``zeros``) promote and do not count."""
+    if not isinstance(gm, fx.GraphModule):
+        return 0
+    count = 0
     for node in gm.graph.nodes:
-        if node.op == "call_method":
-            name = str(node.target)
-        elif node.op == "call_function":
-            name = getattr(node.target, "__name__", "").split(".")[0]
-        else:
-            continue
+        name = _op_name(node)
         if node.op == "call_method" and name in _NARROWING:
-            return True
-        if name in _CASTS and any(
-            isinstance(v, torch.dtype) and v.is_floating_point and v != torch.float64
-            for v in (*node.args, *node.kwargs.values())
-        ):
-            return True
-    return False
+            count += 1
+        elif name in _CASTS and any(_narrower(v) for v in (*node.args, *node.kwargs.values())):
+            count += 1
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,8 +544,9 @@ def synflow(
             )
     ones = _ones_like_inputs(gm, inputs)
     with _scoring(gm, train=False, absolute=True):
+        wide = _runs_in_float64(gm, ones)
         for k in range(1, iterations + 1):
-            scores = _synflow_once(gm, ones)
+            scores = _synflow_once(gm, ones, wide)
             for pool, n in zip(pools, sizes, strict=True):
                 _keep_top(gm, scores, pool, round(density ** (k / iterations) * n), clamp=True)
 
@@ -515,7 +567,7 @@ def _scoring(gm: nn.Module, *, train: bool, absolute: bool = False) -> Iterator[
     state = [
         (name, t)
         for name, t in list(gm.named_parameters()) + list(gm.named_buffers())
-        if name.rpartition(".")[2] != MASK and not _expanded(t)
+        if name.rpartition(".")[2] != MASK
     ]
     saved = [t.detach().clone() for _, t in state]
     gm.train(train)
@@ -532,12 +584,6 @@ def _scoring(gm: nn.Module, *, train: bool, absolute: bool = False) -> Iterator[
                 t.copy_(value)
         for module, mode in modes.items():
             module.training = mode
-
-
-def _expanded(t: Tensor) -> bool:
-    """An expanded constant (stride 0 over a dim of size > 1): read-only, never restored.
-    Lifted programs hold such buffers (BERT's token type ids, ViT's attention mask)."""
-    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))
 
 
 def _train(mode: str) -> bool:

@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from .canonical import canonicalize_with_shapes
 from .frontends import FRONTEND_KEY, Inputs, build_graph, positional
+from .lift import materialise_state
 from .manager import REPORT_KEY, Checks, run_passes
 from .registry import Pass, make_pass
 
@@ -59,6 +60,7 @@ def rewrite(
         gm, inputs = build_graph(work, example_inputs, frontend=frontend, leaves=leaves)
         # an F.batch_norm whose input rank only shapes tell is lifted now they can be known
         canonicalize_with_shapes(gm, inputs, source=work)
+        materialise_state(gm)  # work is our copy: its expanded buffers become contiguous too
     gm = run_passes(gm, resolved, inputs, checks or Checks())
     gm.meta[REPORT_KEY].frontend = gm.meta.get(FRONTEND_KEY, "fx")
     return gm

@@ -23,6 +23,21 @@ every pass can rewrite, as if the original model had been traced:
   torch.flatten``...); anything else stays an aten call, which fx traces and runs
   like any function.
 
+Two clean-ups make the lifted graph a plain model of its own:
+
+* Every parameter, buffer and constant is copied; one whose elements share memory (a
+  constant made with ``.expand``, e.g. a ``token_type_ids`` buffer, has stride 0) is
+  materialised contiguously, since nothing can be written into it (``load_state_dict``,
+  ``copy_``, in-place ``abs_`` fail: "more than one element of the written-to tensor
+  refers to a single memory location"). Others keep their layout. The report lists them
+  (``LiftReport.materialised``); :func:`materialise_state` does the same for any module.
+* Export's ``aten._assert_tensor_metadata`` nodes, pure checks that an input has the
+  dtype, device and layout seen at export (``float32`` before every ``aten.to``), are
+  dropped (``LiftReport.asserts_dropped`` counts them), so the lifted graph runs on
+  float64 copies of its state and inputs (the float64 numeric check, SynFlow). Explicit
+  casts (``aten.to(x, torch.float32)``, e.g. Llama's RMSNorm computing in float32) are
+  the model's semantics and stay.
+
 A layer is lifted only when that is exact: its parameters are used by this call
 alone and are all the state under its name. Otherwise it stays a function call on
 ``get_attr`` parameters and :func:`lift_report` says why. The lifted model computes
@@ -38,7 +53,7 @@ archive is inspected first and refused, without unpickling anything, unless
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +84,8 @@ class LiftReport:
     modules: dict[str, str] = field(default_factory=dict)  # name -> class name
     kept: list[tuple[str, str, str]] = field(default_factory=list)  # (node, op, reason)
     unused: list[str] = field(default_factory=list)  # state the graph never reads (dropped)
+    materialised: list[str] = field(default_factory=list)  # overlapping tensors made contiguous
+    asserts_dropped: int = 0  # export's aten._assert_tensor_metadata nodes removed
 
     def counts(self) -> dict[str, int]:
         """Lifted modules by class name."""
@@ -531,7 +548,10 @@ class _Planner:
         for node in self.prog.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target in _LAYERS:
+            if node.target is aten._assert_tensor_metadata.default and not node.users:
+                self.dropped.add(node)  # a dtype/device/layout check, not a computation
+                self.report.asserts_dropped += 1
+            elif node.target in _LAYERS:
                 lift = _LAYERS[node.target](node, _bind(node), self.prog)
                 if isinstance(lift, str):
                     self.report.kept.append((node.name, str(node.target), lift))
@@ -649,14 +669,61 @@ def _set_path(root: nn.Module, fqn: str, make: Callable[[nn.Module, str], None])
     make(module, leaf)
 
 
-def _state_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy: a constant made with ``.expand`` (a ``token_type_ids`` buffer) has
-    stride 0, and loading a state dict into such a tensor fails ("more than one element of
-    the written-to tensor refers to a single memory location"), so it is materialised."""
+def overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (an ``.expand``-ed tensor, stride 0).
+
+    Conservative: sorted by stride, each dimension of size > 1 must step past every
+    offset the smaller-stride dimensions reach; the rare non-overlapping layouts that do
+    not (interleaved strides) count as overlapping, and copying those is harmless."""
+    if t.numel() == 0:
+        return False
+    reach = 0  # the largest offset the dimensions seen so far reach
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
     copy = t.detach().clone(memory_format=torch.contiguous_format)
     if isinstance(t, nn.Parameter):
         return nn.Parameter(copy, requires_grad=t.requires_grad)
     return copy
+
+
+def _state_copy(t: torch.Tensor, fqn: str, report: LiftReport) -> torch.Tensor:
+    """A copy of a program tensor; contiguous (and listed in the report) when its elements
+    share memory, else with its own layout."""
+    if overlapping(t):
+        report.materialised.append(fqn)
+        return _contiguous(t)
+    copy = t.detach().clone()
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(copy, requires_grad=t.requires_grad)
+    return copy
+
+
+def materialise_state(module: nn.Module, *, keep: Iterable[nn.Module] = ()) -> list[str]:
+    """Replace every parameter and buffer of ``module`` whose elements share memory (see
+    :func:`overlapping`) by a contiguous copy, in place; returns their qualified names.
+
+    Such tensors arise outside lifting too: fx folds computations on buffers alone into
+    ``_tensor_constant`` attributes (``buf[:, :n].expand(B, n)`` traces to a stride-0
+    constant). Submodules in ``keep`` (e.g. leaves shared with a model that must not be
+    mutated) and their children are left alone. A tensor registered under two names
+    becomes two copies."""
+    skip = {id(m) for k in keep for m in k.modules()}
+    done: list[str] = []
+    for prefix, owner in module.named_modules():
+        if id(owner) in skip:
+            continue
+        for slots in (owner._parameters, owner._buffers):
+            for name, t in list(slots.items()):
+                if t is not None and overlapping(t):
+                    slots[name] = _contiguous(t)
+                    done.append(f"{prefix}.{name}" if prefix else name)
+    return done
 
 
 class _Builder:
@@ -695,7 +762,9 @@ class _Builder:
                 if ref is None:
                     continue
                 fqn = ref if isinstance(ref, str) else self.prog.state(ref)
-                setattr(module, attr, _state_copy(self.prog.tensor(fqn)))  # type: ignore[arg-type]
+                fqn = str(fqn)
+                tensor = _state_copy(self.prog.tensor(fqn), fqn, self.planner.report)
+                setattr(module, attr, tensor)
                 filled.add(attr)
             if "num_batches_tracked" in module._buffers and module.num_batches_tracked.is_meta:
                 module.num_batches_tracked = torch.tensor(0, dtype=torch.long)
@@ -731,7 +800,7 @@ class _Builder:
         return value
 
     def _install_attr(self, attr: _Attr) -> None:
-        tensor = _state_copy(self.prog.tensor(attr.fqn))
+        tensor = _state_copy(self.prog.tensor(attr.fqn), attr.fqn, self.planner.report)
 
         def make(parent: nn.Module, leaf: str) -> None:
             if attr.kind == InputKind.PARAMETER:
@@ -906,6 +975,7 @@ def _size(s: Any) -> int:
 
 # -- .pt2 files -------------------------------------------------------------------------------
 
+
 def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> ExportedProgram:
     """Load the ``torch.export`` program saved at ``path``.
 
@@ -926,4 +996,13 @@ def load_pt2(path: str | Path, *, trust_pickle: bool = False) -> ExportedProgram
         ) from exc
 
 
-__all__ = ["LiftError", "LiftReport", "example_inputs", "lift", "lift_report", "load_pt2"]
+__all__ = [
+    "LiftError",
+    "LiftReport",
+    "example_inputs",
+    "lift",
+    "lift_report",
+    "load_pt2",
+    "materialise_state",
+    "overlapping",
+]

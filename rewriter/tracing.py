@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from .canonical import canonicalize, canonicalize_with_shapes
 from .errors import TraceError
+from .lift import materialise_state
 from .modules import RewriterModule
 
 OPAQUE_KEY = "rewriter_opaque"
@@ -129,6 +130,10 @@ def trace(
             opaque[failed] = _reason(exc)
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        # fx folds computations on buffers alone into constants; an expanded one (stride 0)
+        # cannot be written, saved or loaded: copy it contiguously (the model's own
+        # submodules, which the GraphModule shares, are left alone)
+        materialise_state(gm, keep=[model])
         modes = {n: m.training for n, m in model.named_modules()}
         for n, m in gm.named_modules():  # containers rebuilt by fx start in training mode
             if n in modes:

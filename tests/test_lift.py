@@ -16,7 +16,7 @@ from torch import Tensor, nn
 import rewriter
 from rewriter import zoo
 from rewriter.errors import ArtifactError
-from rewriter.lift import LiftError, example_inputs, lift, lift_report, load_pt2
+from rewriter.lift import LiftError, example_inputs, lift, lift_report, load_pt2, overlapping
 
 # The default run lifts one model of each family; the slow run lifts the whole zoo.
 SLOW_EXPORTS = {"resnet20", "mobilenetv2", "bottleneck_resnet", "multitask_resnet"}
@@ -352,18 +352,21 @@ def test_missing_or_damaged_pt2(tmp_path: Path, content, message: str) -> None:
 
 
 class ExpandedBuffers(nn.Module):
-    """Buffers created with ``.expand`` (stride 0), like a ``token_type_ids`` buffer."""
+    """Buffers created with ``.expand`` (stride 0), like a ``token_type_ids`` buffer, and a
+    transposed one (not contiguous, but no element shares memory: it keeps its layout)."""
 
     def __init__(self) -> None:
         super().__init__()
         ids = torch.zeros(1, 4, dtype=torch.long).expand(2, 4)
         self.register_buffer("token_type_ids", ids, persistent=True)
-        self.register_buffer("positions", torch.arange(4.0).expand(1, 4), persistent=False)
+        self.register_buffer("positions", torch.arange(4.0).expand(2, 4), persistent=False)
+        self.register_buffer("table", torch.arange(8.0).view(2, 4).t())
         self.emb = nn.Embedding(3, 8)
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.emb(self.token_type_ids) + x + self.positions.unsqueeze(-1))
+        out = self.emb(self.token_type_ids) + x + self.positions.unsqueeze(-1)
+        return self.fc(out) + self.table.sum()
 
 
 def test_expanded_constants_are_materialised_and_load_back(tmp_path: Path) -> None:
@@ -376,8 +379,10 @@ def test_expanded_constants_are_materialised_and_load_back(tmp_path: Path) -> No
     ep = export(model, x)
     assert any(0 in t.stride() for t in [*ep.state_dict.values(), *ep.constants.values()])
     gm = lift(ep)
+    assert sorted(lift_report(gm).materialised) == ["positions", "token_type_ids"]
     for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
-        assert t.is_contiguous() and 0 not in t.stride(), name
+        assert not overlapping(t) and 0 not in t.stride(), name
+    assert gm.table.stride() == (1, 4)  # a layout without shared elements is kept
     gm.load_state_dict(model.state_dict(), strict=False)  # writing into them works
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
@@ -387,3 +392,146 @@ def test_expanded_constants_are_materialised_and_load_back(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     with torch.no_grad():
         assert torch.equal(rewriter.load(out)(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: torch.zeros(2, 3), False),
+        (lambda: torch.zeros(3, 2).t(), False),
+        (lambda: torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last), False),
+        (lambda: torch.zeros(4, 6)[:, ::2], False),  # gaps, no sharing
+        (lambda: torch.zeros(0, 3).expand(0, 3), False),  # empty
+        (lambda: torch.zeros(1, 3).expand(4, 3), True),
+        (lambda: torch.zeros(()).expand(2, 2), True),
+        (lambda: torch.zeros(9).as_strided((3, 3), (1, 1)), True),  # sliding window
+        (lambda: torch.zeros(1, 3).expand(1, 3), False),  # stride 0 over a size-1 dim
+    ],
+)
+def test_overlapping_detects_elements_that_share_memory(make, expected: bool) -> None:
+    t = make()
+    assert overlapping(t) is expected
+    size = t.untyped_storage().nbytes() // t.element_size()
+    offsets = torch.arange(size).as_strided(t.shape, t.stride(), t.storage_offset())
+    assert (offsets.unique().numel() < offsets.numel()) is expected  # the ground truth
+
+
+class SlicedBuffer(nn.Module):
+    """``buf[:, :n].expand(B, n)``: fx runs it on the real buffer and keeps the stride-0
+    result as a ``_tensor_constant``; ``leaf`` holds an expanded buffer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("ids", torch.zeros(1, 8, dtype=torch.long))
+        self.emb = nn.Embedding(3, 4)
+        self.leaf = nn.Module()
+        self.leaf.register_buffer("bias", torch.ones(1, 4).expand(8, 4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.emb(self.ids[:, :8].expand(2, 8)) + x + self.leaf.bias)
+
+
+def test_traced_constants_are_materialised_without_touching_the_model() -> None:
+    from rewriter.analysis.flops import flops
+
+    torch.manual_seed(0)
+    model, x = SlicedBuffer().eval(), torch.randn(2, 8, 4)
+    folded = torch.fx.symbolic_trace(model)  # plain fx keeps the stride-0 constants
+    assert any(overlapping(t) for t in folded.buffers())
+    gm = rewriter.trace(model)
+    assert not any(overlapping(t) for t in gm.buffers())
+    assert overlapping(model.leaf.bias) and model.ids.stride() == (8, 1)  # model untouched
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    net = rewriter.rewrite(model, ["masks", ("synflow", {"density": 0.5, "iterations": 2})], x)
+    assert fired(net) == [("masks", 1), ("synflow", 1)]
+    assert not any(overlapping(t) for t in net.buffers())
+    assert flops(folded, x).total_macs == flops(gm, x).total_macs > 0  # fx's own graphs too
+
+
+# -- export's metadata asserts ----------------------------------------------------------------
+
+
+class CastsOutput(nn.Module):
+    """``x.to(torch.float32)``: export asserts ``x`` is float32 before the cast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.fc(x).to(torch.float32) * mask.to(torch.float32)
+
+
+def test_metadata_asserts_are_dropped_and_the_lifted_graph_runs_in_float64() -> None:
+    torch.manual_seed(0)
+    model = CastsOutput().eval()
+    x, mask = torch.randn(4, 3), torch.tensor([True, False]).expand(4, 2)
+    ep = export(model, x, mask)
+    asserts = [
+        n for n in ep.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default
+    ]
+    assert len(asserts) == 2
+    gm = lift(ep)
+    assert lift_report(gm).asserts_dropped == 2
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten._assert_tensor_metadata.default not in targets
+    assert targets.count(torch.ops.aten.to.dtype) == 2  # the casts are the model's: kept
+    with torch.no_grad():
+        assert torch.equal(gm(x, mask), model(x, mask))
+        wide = copy.deepcopy(gm).double()(x.double(), mask)  # ran, cast back to float32
+        ref = copy.deepcopy(model).double()(x.double(), mask)
+    assert wide.dtype == torch.float32 and torch.equal(wide, ref)
+    from rewriter.passes.lottery_scores import pins_float_dtype
+
+    assert pins_float_dtype(ep.module()) and not pins_float_dtype(gm)  # the float32 assert
+
+
+# -- Hugging Face programs --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_lifted() -> dict[str, tuple[torch.fx.GraphModule, tuple]]:
+    hf_models = pytest.importorskip("hf_models")
+    from rewriter.frontends import export_graph
+
+    out = {}
+    for name in ("bert", "llama"):
+        model, kwargs = hf_models.BUILDERS[name]()
+        out[name] = export_graph(model, (), kwargs, dynamic=False)
+    return out
+
+
+def test_lifted_bert_buffers_share_no_memory_also_after_rewriting(hf_lifted) -> None:
+    gm, inputs = hf_lifted["bert"]
+    assert lift_report(gm).asserts_dropped > 0
+    net = rewriter.rewrite(gm, ["masks"], inputs)  # fx folds the token-type-id expand
+    assert any(
+        n.target.startswith("_tensor_constant") for n in net.graph.nodes if n.op == "get_attr"
+    )
+    for model in (gm, net):
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            assert not overlapping(t), name
+    with torch.no_grad():  # every buffer can be written into (SynFlow's abs_, load_state_dict)
+        for t in net.buffers():
+            t.copy_(t.clone())
+
+
+def test_lifted_llama_synflow_scores_in_float64(hf_lifted) -> None:
+    from rewriter.passes import lottery_scores as lt
+
+    gm, inputs = hf_lifted["llama"]
+    net = rewriter.rewrite(gm, ["masks"], inputs)
+    assert not lt.pins_float_dtype(net)  # export's float32 asserts are gone
+    assert lt.narrowing_casts(net) > 0  # RMSNorm's and rotary's float32 casts stay
+    scores = lt.synflow_scores(net)
+    assert {s.dtype for s in scores.values()} == {torch.float64}
+    reference = lt.synflow_scores(copy.deepcopy(net).double())  # a float64 model
+    for name, s in scores.items():
+        assert torch.equal(s, reference[name]), name
+    ones = lt._ones_like_inputs(net, None)
+    with lt._scoring(net, train=False, absolute=True):  # the same, forced to float32
+        narrow = lt._synflow_once(net, ones, wide=False)
+    assert any(not torch.equal(narrow[n].double(), s) for n, s in scores.items())
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the model keeps its dtype

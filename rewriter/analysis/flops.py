@@ -81,6 +81,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..errors import RewriterError
+from ..lift import overlapping
 from ..manager import _propagate_shapes
 from ..tracing import trace
 
@@ -570,11 +571,12 @@ def _scales(
 @contextmanager
 def _state_kept(gm: nn.Module) -> Iterator[None]:
     """Restore every buffer and the global RNG after the block (shape propagation)."""
-    saved = {  # an expanded constant (stride 0) cannot be written, in place or back
-        name: b.detach().clone()
-        for name, b in gm.named_buffers()
-        if not any(st == 0 and n > 1 for st, n in zip(b.stride(), b.shape, strict=True))
-    }
+    # A buffer whose elements share memory (an expanded constant, stride 0) cannot be
+    # written, in place or back, so it is not restored. Lifted programs and graphs that
+    # rewriter.trace / rewrite build hold none (they are materialised), but flops also
+    # takes GraphModules made by torch.fx.symbolic_trace (fx folds `buf.expand(...)` into a
+    # stride-0 `_tensor_constant`) and leaf modules that trace shares with the user's model.
+    saved = {name: b.detach().clone() for name, b in gm.named_buffers() if not overlapping(b)}
     with torch.random.fork_rng(devices=[]):
         try:
             yield
