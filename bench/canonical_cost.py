@@ -50,6 +50,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -355,7 +356,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts: dict[str, dict[str, Any]] = {"old": {}, "new": {}}
     calls: dict[str, dict[tuple[str, str], int]] = {"old": {}, "new": {}}
     times: dict[str, dict[tuple[str, str], list[float]]] = {"old": {}, "new": {}}
-    flip = 0
+    flip = [0]
+
+    def pairs(case: str, m: str, n: int) -> None:
+        """``n`` timed pairs of ``m`` on ``case``, the order alternating pair by pair."""
+        for _ in range(n):
+            order = ("old", "new") if flip[0] % 2 == 0 else ("new", "old")
+            flip[0] += 1
+            for key in order:
+                t = workers[key].ask(do="time", case=case, measurement=m)
+                times[key].setdefault((case, m), []).append(t)
+
+    def ratio(case: str, m: str) -> float:
+        return min(times["new"][case, m]) / min(times["old"][case, m])
+
+    def big(case: str) -> bool:
+        return case.startswith("random ~2000")
+
     for case in cases:
         for key, w in workers.items():
             facts[key][case] = w.ask(do="facts", case=case)
@@ -365,13 +382,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in MEASUREMENTS:
             for key, w in workers.items():
                 calls[key][case, m] = w.ask(do="calls", case=case, measurement=m)
-            for _ in range(3 if case.startswith("random ~2000") else repeats):
-                order = ("old", "new") if flip % 2 == 0 else ("new", "old")
-                flip += 1
-                for key in order:
-                    t = workers[key].ask(do="time", case=case, measurement=m)
-                    times[key].setdefault((case, m), []).append(t)
+            pairs(case, m, 3 if big(case) else repeats)
         print(f"  {case}: done at {time.perf_counter() - start:.0f} s", flush=True)
+    # A ratio above the limit is measured again, with more pairs, before it is reported:
+    # on two busy cores a single slow minimum is common.
+    confirmed = [(c, m) for c in cases for m in MEASUREMENTS if ratio(c, m) > LIMIT]
+    for case, m in confirmed:
+        pairs(case, m, 3 if big(case) else 3 * repeats)
+        print(f"  {case}/{m} measured again: done at {time.perf_counter() - start:.0f} s")
     for w in workers.values():
         w.close()
 
@@ -393,12 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = [case]
         for m in MEASUREMENTS:
             t_old, t_new = 1e3 * best["old"][case, m], 1e3 * best["new"][case, m]
-            ratio = t_new / t_old if t_old > 0 else float("nan")
-            if ratio > LIMIT:
-                flagged.append(f"{case}/{m} x{ratio:.2f}")
-            row.append(f"{t_old:.1f} / {t_new:.1f} ({ratio:.2f}){' !' if ratio > LIMIT else ''}")
+            r = ratio(case, m)
+            if r > LIMIT:
+                flagged.append(f"{case}/{m} x{r:.2f}")
+            again = "*" if (case, m) in confirmed else ""
+            row.append(f"{t_old:.1f} / {t_new:.1f} ({r:.2f}){again}{' !' if r > LIMIT else ''}")
         rows.append(row)
     print_table(("case", *MEASUREMENTS), rows)
+    if confirmed:
+        print(f"* ratio above {LIMIT:g} at first: measured again with more pairs")
     total_old, total_new = sum(best["old"].values()), sum(best["new"].values())
     print(
         f"sum of all minima: old {total_old:.2f} s, new {total_new:.2f} s "
@@ -408,6 +429,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ABOVE {LIMIT:g}x: {', '.join(flagged)}")
     else:
         print(f"every measurement within {LIMIT:g}x of the old tree")
+
+    print("\n== median of the paired ratios new/old (each pair timed back to back) ==")
+    print_table(
+        ("case", *MEASUREMENTS),
+        [
+            (c, *(
+                f"{statistics.median(n / o for n, o in zip(times['new'][c, m], times['old'][c, m], strict=True)):.2f}"
+                for m in MEASUREMENTS
+            ))
+            for c in cases
+        ],
+    )  # fmt: skip
 
     print("\n== function calls of one run (cProfile's count, no timing noise): new / old ==")
     print_table(

@@ -13,7 +13,9 @@ before and after the pass also runs with its floating-point parameters, buffers 
 inputs converted to float64 (and restored afterwards) and is compared there; a model that
 cannot run in float64 is compared in its own dtype. Off by default: float64 convolutions
 have no fast CPU kernels (a depthwise MobileNetV2's checks took 2.2x as long). Any failure raises one :class:`PassError` that names the
-pass, the node, the rule and the passes already run.
+pass, the node, the rule and the passes already run. The outputs compared are those of
+the shape propagation's run (eval mode, no grad, the check's seed), so each check costs
+one forward of the graph, not two.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 from torch.utils._pytree import tree_flatten
 
 from .canonical import CanonicalReport, canonical_report
@@ -228,12 +230,13 @@ def run_passes(
     reference64 = None  # float64 outputs of the graph as it is now, when known
     if example_inputs is not None:
         try:
-            _propagate_shapes(gm, example_inputs)  # passes may read node.meta["tensor_meta"]
+            # passes may read node.meta["tensor_meta"]; the outputs are evaluate()'s
+            outputs = _propagate_shapes(gm, example_inputs, checks.seed)
             if checks.shapes or checks.numerics:
                 if _use64(checks, passes[0] if passes else None):
                     reference64 = evaluate64(gm, example_inputs, checks.seed)
                 if reference64 is None:
-                    reference = evaluate(gm, example_inputs, checks.seed)
+                    reference = outputs
                 ref_shapes = _shapes(reference64 if reference64 is not None else reference)
         except Exception as exc:
             shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in example_inputs]
@@ -265,7 +268,9 @@ def run_passes(
         except PassError:
             raise
         except RuleLoopError as exc:
-            raise PassError(str(exc), pass_name=p.name, history=history, node=exc.node, rule=exc.rule) from exc
+            raise PassError(
+                str(exc), pass_name=p.name, history=history, node=exc.node, rule=exc.rule
+            ) from exc
         except Exception as exc:
             raise PassError(
                 str(exc) if isinstance(exc, RewriterError) else f"{type(exc).__name__}: {exc}",
@@ -331,31 +336,73 @@ def _delete_orphans(gm: fx.GraphModule) -> None:
         gm.delete_submodule(name)  # a no-op when a parent was already deleted
 
 
-class _ShapeProp(ShapeProp):
-    """``ShapeProp`` that also marks nodes whose value is not a tensor (sizes, ints, None).
+_FORMATS = ((torch.contiguous_format, None), (torch.channels_last, 4), (torch.channels_last_3d, 5))
 
-    They get ``tensor_meta = None``: shapes were propagated, the value has none.
+
+def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """torch's ``_extract_tensor_metadata(t)``, with the memory format read in C++.
+
+    For a plain strided tensor ``Tensor.is_contiguous(memory_format=...)`` replaces torch's
+    Python reference check (a quarter of the propagation's time on small models; the same
+    formats in the same order, so the same :class:`TensorMetadata`). Other tensors
+    (sparse, quantized) take torch's own path.
     """
+    if t.layout != torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    memory_format = None
+    for fmt, ndim in _FORMATS:
+        if (ndim is None or t.dim() == ndim) and t.is_contiguous(memory_format=fmt):
+            memory_format = fmt
+            break
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
+
+
+class _ShapeProp(ShapeProp):
+    """``ShapeProp`` with :func:`_tensor_meta` (no fake mode) that also marks nodes whose
+    value is not a tensor (sizes, ints, None) with ``tensor_meta = None``: shapes were
+    propagated, the value has none."""
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        n.meta.setdefault("tensor_meta", None)
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as exc:  # as ShapeProp reports it (without printing a traceback)
+            raise RuntimeError(f"ShapeProp error for: node={n.format_node()}") from exc
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _tensor_meta(obj)
+            return obj
+
+        value = fx.node.map_aggregate(result, meta)
+        n.meta["tensor_meta"] = value if found else None
+        n.meta["type"] = type(result)
         return result
 
 
-def _propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
-    """Record ``tensor_meta`` on every node (eval mode, no grad; modes restored).
+def _propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], seed: int | None = None) -> Any:
+    """Record ``tensor_meta`` on every node and return the outputs.
 
-    Nodes whose value is not a tensor (``x.size(0)``, a ``None`` default argument) get
-    ``tensor_meta = None``.
+    One eval-mode, no-grad run of the graph, interpreted node by node; training flags are
+    restored. With ``seed``, the random seed is fixed to it for the run (the caller's RNG
+    state is kept), and the outputs are those of :func:`evaluate` ``(gm, inputs, seed)``
+    (the same calls in the same order), so the pass manager's checks use them instead of a
+    second forward. Nodes whose value is not a tensor (``x.size(0)``, a ``None`` default
+    argument) get ``tensor_meta = None``.
     """
     for node in gm.graph.nodes:
         node.meta.pop("tensor_meta", None)  # so a failure points at the first node that fails
     states = _training_states(gm)
     gm.eval()
     try:
-        with torch.no_grad():
-            _ShapeProp(gm).propagate(*inputs)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if seed is not None:
+                stack.enter_context(torch.random.fork_rng(devices=[]))
+                torch.manual_seed(seed)
+            return _ShapeProp(gm).propagate(*inputs)
     finally:
         _restore(states)
 
@@ -373,7 +420,7 @@ def _check_outputs(gm, p, inputs, references, ref_shapes, checks, fail):
     """
     reference, reference64 = references
     try:
-        _propagate_shapes(gm, inputs)
+        outputs = _propagate_shapes(gm, inputs, checks.seed)  # the outputs are evaluate()'s
     except Exception as exc:
         node = next(
             (n.name for n in gm.graph.nodes if "tensor_meta" not in n.meta and n.op != "output"),
@@ -389,7 +436,7 @@ def _check_outputs(gm, p, inputs, references, ref_shapes, checks, fail):
     if reference64 is not None and _use64(checks, p):
         out64 = evaluate64(gm, inputs, checks.seed)
     if out64 is None:
-        out = evaluate(gm, inputs, checks.seed)
+        out = outputs
     shapes = _shapes(out64 if out64 is not None else out)
     if checks.shapes and shapes != ref_shapes:
         raise fail(f"output shapes changed: {ref_shapes} before, {shapes} after")

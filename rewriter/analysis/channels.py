@@ -46,14 +46,14 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from ..errors import RewriterError
+from ..manager import _propagate_shapes
 from ..tracing import opaque_modules
 from .coupling import Atoms, Coupler, LayerRecord, Partition, Role, as_atoms, fetch_attr
 from .rules_channels import lookup
@@ -303,61 +303,13 @@ def channel_groups(
 
 
 def record_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
-    """``node.meta["tensor_meta"]`` of every node, like ``rewriter.manager._propagate_shapes``.
+    """``node.meta["tensor_meta"]`` of every node: :func:`rewriter.manager._propagate_shapes`.
 
-    The same eval-mode, no-grad forward through ``torch.fx``'s shape propagation, with the
-    same :class:`TensorMetadata` (``None`` on nodes whose value is not a tensor); the memory format of a plain strided tensor is read with
-    ``Tensor.is_contiguous(memory_format=...)`` (in C++) instead of torch's Python
-    reference, which was a quarter of the propagation's time on small models. Other
-    tensors (sparse, quantized) take torch's own path. Training flags are restored.
+    One eval-mode, no-grad forward through ``torch.fx``'s shape propagation, with
+    :class:`TensorMetadata` whose memory format is read in C++ (``None`` on nodes whose
+    value is not a tensor). Training flags are restored.
     """
-    for node in gm.graph.nodes:
-        node.meta.pop("tensor_meta", None)  # so a failure points at the first node that fails
-    states = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            _FastShapeProp(gm).propagate(*inputs)
-    finally:
-        for m, mode in states.items():
-            m.training = mode
-
-
-_FORMATS = ((torch.contiguous_format, None), (torch.channels_last, 4), (torch.channels_last_3d, 5))
-
-
-def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
-    if t.layout != torch.strided or t.is_quantized:
-        return _extract_tensor_metadata(t)
-    memory_format = None
-    for fmt, ndim in _FORMATS:
-        if (ndim is None or t.dim() == ndim) and t.is_contiguous(memory_format=fmt):
-            memory_format = fmt
-            break
-    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
-
-
-class _FastShapeProp(ShapeProp):
-    """:class:`ShapeProp` with :func:`_tensor_meta` (no fake mode)."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = fx.Interpreter.run_node(self, n)
-        except Exception as exc:  # as ShapeProp reports it (without printing a traceback)
-            raise RuntimeError(f"ShapeProp error for: node={n.format_node()}") from exc
-        found = False
-
-        def meta(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _tensor_meta(obj)
-            return obj
-
-        value = fx.node.map_aggregate(result, meta)
-        n.meta["tensor_meta"] = value if found else None  # None: shapes known, not a tensor
-        n.meta["type"] = type(result)
-        return result
+    _propagate_shapes(gm, inputs)
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> str:
