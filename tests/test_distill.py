@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, fx, nn
 
 import rewriter as rw
@@ -693,6 +694,373 @@ def test_cli_lists_distill_and_runs_the_example_pipeline(tmp_path, monkeypatch) 
 
 
 # ---------------------------------------------------------------------------
+# Dict outputs and classes-last (B, S, V) logits: language models
+# ---------------------------------------------------------------------------
+
+B, S, V = 2, 4, 6
+
+
+class TokenLM(nn.Module):
+    """``{"logits": x W^T, "hidden": x}`` for ``x`` of shape ``(B, S, V)``; ``W = scale * I``
+    (the student, scale 1: its logits are its input) or a fixed random ``W`` (a teacher)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(V, V, bias=False)
+        with torch.no_grad():
+            if seed is None:
+                self.fc.weight.copy_(torch.eye(V))
+            else:
+                self.fc.weight.copy_(
+                    torch.randn(V, V, generator=torch.Generator().manual_seed(seed))
+                )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"hidden": x * 2, "logits": self.fc(x)}
+
+
+def token_batch(seed: int = 5, ignored: int = 3) -> tuple[Tensor, Tensor]:
+    """Logits ``(B, S, V)`` and labels ``(B, S)`` with ``ignored`` positions at -100."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, V, generator=g) * 2
+    y = torch.randint(0, V, (B, S), generator=g)
+    y.view(-1)[torch.randperm(B * S, generator=g)[:ignored]] = -100
+    return x, y
+
+
+def ref_token_loss(
+    s: Tensor, y: Tensor, target_rows, a: float, T: float, scale: float, *, mean: bool = False
+) -> float:
+    """``(1 - a) CE + a scale KL`` with CE and KL averaged over the tokens whose label is not
+    -100, written per token with Python floats; ``target_rows(b, i)`` is the token's target
+    distribution; ``mean`` also divides the KL by V."""
+    ce, kl, count = 0.0, 0.0, 0
+    for b in range(s.shape[0]):
+        for i in range(s.shape[1]):
+            label = int(y[b, i])
+            if label == -100:
+                continue
+            count += 1
+            row = s[b, i].tolist()
+            ce -= ref_log_softmax(row)[label]
+            logp = ref_log_softmax([v / T for v in row])
+            q = target_rows(b, i)
+            kl += sum(qk * (math.log(qk) - lp) for qk, lp in zip(q, logp, strict=True) if qk > 0)
+    kl = kl / count / (V if mean else 1)
+    return (1 - a) * ce / count + a * scale * kl
+
+
+def token_total(gm: fx.GraphModule, x: Tensor, y: Tensor) -> Tensor:
+    out = gm(x)
+    ce = F.cross_entropy(out["logits"].flatten(0, 1), y.flatten())  # ignore_index=-100
+    return ce + rw.aux_losses(gm, targets=y)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "mean", "multiplier"),
+    [
+        ("hinton", {"alpha": 0.7, "temperature": 3.0}, False, 1.0),
+        ("tf_self", {"alpha": 0.6, "temperature": 2.0, "multiplier": 5.0}, True, 5.0),
+    ],
+)
+def test_token_kd_matches_independent_formula_with_ignore_index(
+    method: str, options: dict, mean: bool, multiplier: float
+) -> None:
+    teacher = TokenLM(seed=3)
+    x, y = token_batch()
+    gm = rw.rewrite(TokenLM(), [Distill.with_teacher(teacher, method=method, **options)], (x,))
+    d = distiller(gm)
+    assert d.class_dim == -1 and d.reduction == ("mean" if mean else "batchmean")
+    with torch.no_grad():
+        t = teacher(x)["logits"]
+    a, T = options["alpha"], options["temperature"]
+
+    def soft(b: int, i: int) -> list[float]:
+        return ref_softmax([v / T for v in t[b, i].tolist()])
+
+    expected = ref_token_loss(x, y, soft, a, T, T * T * multiplier, mean=mean)
+    assert token_total(gm, x, y).item() == pytest.approx(expected, rel=1e-5)
+    # the ignored tokens do not count: changing their logits changes nothing
+    x2 = x.clone()
+    x2[y == -100] = 50.0
+    assert token_total(gm, x2, y).item() == pytest.approx(expected, rel=1e-5)
+    # flattened labels (B * S,) are read the same way
+    gm(x)
+    flat = rw.aux_losses(gm, targets=y.flatten())
+    assert flat.item() == pytest.approx(rw.aux_losses(gm, targets=y).item(), rel=1e-6)
+
+
+def test_token_tf_reg_matches_independent_formula_with_ignore_index() -> None:
+    x, y = token_batch(seed=8, ignored=2)
+    a, T = 0.3, 5.0
+    gm = rw.rewrite(
+        TokenLM(), [("distill", {"method": "tf_reg", "alpha": a, "temperature": T})], (x,)
+    )
+
+    def virtual(b: int, i: int) -> list[float]:
+        p = [(1 - 0.99) / (V - 1)] * V
+        p[int(y[b, i])] = 0.99
+        return ref_softmax([v / T for v in p])
+
+    expected = ref_token_loss(x, y, virtual, a, 1.0, 1.0)  # student not scaled, no T^2
+    assert token_total(gm, x, y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_token_kl_reductions_and_class_dim_agree_on_2d_logits() -> None:
+    s, t, y = fixed()
+    for reduction in ("batchmean", "mean"):
+        by_rows = L.kd_term(s, t, 2.0, reduction)
+        last = L.kd_term(s, t, 2.0, reduction, class_dim=-1, targets=y)
+        torch.testing.assert_close(last, by_rows)
+        torch.testing.assert_close(
+            L.tf_reg_term(s, y, 3.0, reduction, class_dim=-1), L.tf_reg_term(s, y, 3.0, reduction)
+        )
+    torch.testing.assert_close(L.cross_entropy(s, y, class_dim=-1), F.cross_entropy(s, y))
+    # (B, S, V) classes last == the same logits moved to (B, V, S) with class_dim=1, no ignores
+    x, labels = token_batch(ignored=0)
+    t3 = torch.randn(B, S, V, generator=torch.Generator().manual_seed(1))
+    moved = L.kd_term(x.movedim(-1, 1), t3.movedim(-1, 1), 2.0)  # KL summed over tokens / B
+    torch.testing.assert_close(L.kd_term(x, t3, 2.0, class_dim=-1) * S, moved)
+    with pytest.raises(ValueError, match="do not fit"):
+        L.kd_term(x, t3, 2.0, class_dim=-1, targets=labels[:, :2])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(2, 7)),
+    seed=st.integers(0, 2**16),
+    a=st.floats(0.0, 1.0),
+    T=st.floats(0.5, 8.0),
+)
+def test_property_token_hinton_is_the_per_token_formula(shape, seed, a, T) -> None:
+    """On random (B, S, V) logits and ignore masks (at least one counted token), CE + aux of
+    the distilled dict-output model is the per-token average of the unfused formula."""
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g) * 3
+    y = torch.randint(0, shape[2], shape[:2], generator=g)
+    keep = torch.rand(shape[:2], generator=g) < 0.7
+    keep.view(-1)[0] = True
+    y[~keep] = -100
+    gm = rw.rewrite(
+        DictLogits(shape[2]), [Distill.with_teacher(Fixed(t), alpha=a, temperature=T)], (x,)
+    )
+    out = gm(x)
+    assert list(out) == ["logits", "extra"] and torch.equal(out["logits"], x)
+    loss = F.cross_entropy(x.flatten(0, 1), y.flatten()) + rw.aux_losses(gm, targets=y)
+    log_s = F.log_softmax(x[keep] / T, dim=-1)
+    q = F.softmax(t[keep] / T, dim=-1)
+    kl = (q * (q.log() - log_s)).sum(-1).mean()
+    ce = -F.log_softmax(x[keep], dim=-1).gather(1, y[keep][:, None]).mean()
+    torch.testing.assert_close(loss, (1 - a) * ce + a * T * T * kl, rtol=1e-4, atol=1e-5)
+
+
+class DictLogits(nn.Module):
+    """``{"logits": fc(x), "extra": x.sum(-1)}`` with ``fc`` the identity."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(width))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.fc(x), "extra": x.sum(-1)}
+
+
+class Fixed(nn.Module):
+    """A teacher whose logits are a fixed tensor (as a dict output), whatever the input."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("logits", logits.clone())
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.logits + 0 * x}
+
+
+def test_dict_output_keeps_its_keys_and_values() -> None:
+    x, y = token_batch()
+    student = TokenLM()
+    gm = rw.rewrite(student, [Distill.with_teacher(TokenLM(seed=3))], (x,))
+    record = rw.report(gm).passes[0]
+    assert record.matches == {"distill": 1} and record.modules_added == ["fc_distill"]
+    assert "logits: output key 'logits', class dim -1" in record.notes
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert list(output.args[0]) == ["hidden", "logits"]
+    assert output.args[0]["logits"].target == "fc_distill"
+    assert output.args[0]["hidden"].op == "call_function"  # the other value is untouched
+    for mode in (True, False):
+        gm.train(mode)
+        out, ref = gm(x), student(x)
+        assert type(out) is dict and list(out) == list(ref)
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
+    assert distiller(gm).class_dim == -1
+    plain = strip(gm)
+    assert list(plain(x)) == ["hidden", "logits"] and torch.equal(plain(x)["logits"], x)
+    # another key, an explicit class dim, labels of the matching shape
+    gm = rw.rewrite(
+        student, [Distill.with_teacher(TokenLM(seed=3), logits_key="hidden", class_dim=1)], (x,)
+    )
+    assert output_target(gm, "hidden") == "mul_distill" and distiller(gm).class_dim == 1
+    gm(x)
+    rw.aux_losses(gm, targets=torch.zeros(B, V, dtype=torch.long))  # classes at dim 1: (B, V)
+
+
+def output_target(gm: fx.GraphModule, key: str) -> str:
+    return str(next(n for n in gm.graph.nodes if n.op == "output").args[0][key].target)
+
+
+def test_tuple_output_distills_its_first_element() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(K, K)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return self.fc(x), x
+
+    s, _, y = fixed()
+    gm = rw.rewrite(Pair(), [Distill.with_teacher(nn.Linear(K, K))], (s,))
+    out = gm(s)
+    assert isinstance(out, tuple) and len(out) == 2 and distiller(gm).class_dim == 1
+    rw.aux_losses(gm, targets=y)
+
+
+def test_logits_key_class_dim_errors_and_options_from_files() -> None:
+    x, y = token_batch()
+    with pytest.raises(rw.PassError, match=r"key 'scores'.*\['hidden', 'logits'\]"):
+        rw.rewrite(TokenLM(), [Distill.with_teacher(TokenLM(), logits_key="scores")], (x,))
+    with pytest.raises(rw.PassError, match="teacher's dict output has no 'hidden'"):
+        rw.rewrite(TokenLM(), [Distill.with_teacher(DictLogits(V), logits_key="hidden")], (x,))
+    for method in ("ie", "feature"):
+        with pytest.raises(rw.PassError, match="class_dim=-1.*hinton"):
+            rw.rewrite(TokenLM(), [Distill.with_teacher(TokenLM(), method=method)], (x,))
+    gm = rw.rewrite(TokenLM(), [Distill.with_teacher(TokenLM(seed=1))], (x,))
+    gm(x)
+    with pytest.raises(rw.RewriterError, match=r"labels of shape \(2, 3\).*expected \(2, 4\)"):
+        rw.aux_losses(gm, targets=y[:, :3])
+    with pytest.raises(rw.OptionError, match="class_dim"):
+        rw.make_pass(("distill", {"class_dim": 2}))
+    with pytest.raises(rw.OptionError, match="ignore_index"):
+        rw.make_pass(("distill", {"ignore_index": 0.5}))
+    # as a command line gives them (strings) and as a pipeline file does
+    p = rw.make_pass(("distill", {"method": "tf_reg", "class_dim": "-1", "logits_key": "out"}))
+    assert (p.class_dim, p.logits_key, p.ignore_index) == (-1, "out", -100)
+    from rewriter import pipeline
+
+    text = (
+        '[model]\nsource = "zoo:mlp"\n[[pass]]\nname = "distill"\n'
+        'options = { method = "tf_reg", logits_key = "scores", class_dim = -1, ignore_index = 0 }\n'
+    )
+    (the_pass,) = pipeline.parse(text).passes
+    assert (the_pass.class_dim, the_pass.logits_key, the_pass.ignore_index) == (-1, "scores", 0)
+
+
+def test_ignore_index_option_changes_which_tokens_count() -> None:
+    x, y = token_batch(ignored=0)
+    y[0, 0] = 0  # at least one label 0: those do not count
+    gm = rw.rewrite(TokenLM(), [("distill", {"method": "tf_reg", "ignore_index": 0})], (x,))
+    gm(x)
+    d = distiller(gm)
+    keep = y != 0
+    expected = d.alpha * L.tf_reg_term(x[keep], y[keep], d.temperature) - d.alpha * F.cross_entropy(
+        x[keep], y[keep]
+    )
+    torch.testing.assert_close(rw.aux_losses(gm, targets=y), expected)
+
+
+# -- a tiny Hugging Face Llama language model (tests/hf_models.py's config) -----------------
+
+
+def llama_lm(seed: int = 0, layers: int = 2) -> tuple[nn.Module, dict[str, Tensor]]:
+    """``LlamaForCausalLM`` with ``hf_models.llama``'s config (vocab 100) and ``layers`` layers."""
+    hf_models = pytest.importorskip("hf_models")
+    from transformers import LlamaForCausalLM
+
+    base, inputs = hf_models.llama(seed)
+    config = base.config.__class__.from_dict({**base.config.to_dict(), "num_hidden_layers": layers})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), inputs
+
+
+@pytest.fixture(scope="module")
+def distilled_llama() -> tuple[nn.Module, nn.Module, dict[str, Tensor], fx.GraphModule]:
+    """(student, teacher, inputs, distilled student): Hinton KD from a 3-layer teacher into a
+    2-layer student, both exported and lifted: the student with a static export, as
+    ``tests/test_transformers.py``'s ``lifted`` does, and the teacher the same way (the
+    dynamic default through ``rewrite(model, ...)``, with the pass lifting the Hugging Face
+    teacher itself, is the slow compile test's: a dynamic export costs seconds more)."""
+    from rewriter.frontends import export_graph
+
+    student, inputs = llama_lm(0, layers=2)
+    teacher, _ = llama_lm(1, layers=3)
+    graph, positional = export_graph(student, (), inputs, dynamic=False)
+    teacher_graph, _ = export_graph(teacher, (), inputs, dynamic=False)
+    gm = rw.rewrite(graph, [Distill.with_teacher(teacher_graph)], positional)
+    return student, teacher, inputs, gm
+
+
+def lm_labels(inputs: dict[str, Tensor]) -> Tensor:
+    """Next-token labels: the inputs shifted left, -100 at each sequence's last position and
+    under the attention mask's padding."""
+    ids = inputs["input_ids"]
+    y = torch.full_like(ids, -100)
+    y[:, :-1] = ids[:, 1:]
+    y[inputs["attention_mask"] == 0] = -100
+    return y
+
+
+def test_llama_hinton_fires_once_and_keeps_the_dict_output(distilled_llama) -> None:
+    student, teacher, inputs, gm = distilled_llama
+    record = rw.report(gm).passes[0]
+    assert record.fired == 1 and record.modules_added == ["lm_head_distill"]
+    d = distiller(gm)
+    assert d.class_dim == -1 and isinstance(d.teacher, fx.GraphModule)
+    assert not list(d.teacher.parameters()) and not d.teacher.training
+    assert sum(isinstance(m, nn.Linear) for m in d.teacher.modules()) == 3 * 7 + 1  # 3 layers
+    gm.eval()
+    with torch.no_grad():
+        out = gm(**inputs)
+        assert type(out) is dict and list(out) == ["logits"]
+        assert torch.equal(out["logits"], student(**inputs).logits)
+        torch.testing.assert_close(d.last_teacher_logits, teacher(**inputs).logits)
+
+
+def test_llama_ce_plus_aux_decreases_and_round_trips(distilled_llama, tmp_path) -> None:
+    _, _, inputs, gm = distilled_llama
+    gm = copy.deepcopy(gm)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 100, inputs["input_ids"].shape, generator=g)  # random tokens (static)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    y = lm_labels(batch)
+    frozen = copy.deepcopy(distiller(gm).teacher.state_dict())
+    optimizer = torch.optim.Adam(gm.parameters(), lr=3e-3)
+    gm.train()
+    seen = []
+    for _ in range(4):
+        out = gm(**batch)
+        loss = F.cross_entropy(out["logits"].flatten(0, 1), y.flatten()) + rw.aux_losses(
+            gm, targets=y
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen.append(loss.item())
+    assert all(math.isfinite(v) for v in seen) and seen[-1] < seen[0], seen
+    for k, v in distiller(gm).teacher.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    gm.eval()
+    path = rw.save(gm, tmp_path / "kd_llama.safetensors", source="test_distill:llama_lm")
+    loaded = rw.load(path).eval()
+    assert isinstance(distiller(loaded).teacher, fx.GraphModule)
+    with torch.no_grad():
+        a, b = gm(**inputs), loaded(**inputs)
+        assert list(b) == ["logits"] and torch.equal(a["logits"], b["logits"])
+        y0 = lm_labels(inputs)
+        assert torch.equal(rw.aux_losses(gm, targets=y0), rw.aux_losses(loaded, targets=y0))
+
+
+# ---------------------------------------------------------------------------
 # Slow: torch.compile(fullgraph=True) with the teacher inside; DDP
 # ---------------------------------------------------------------------------
 
@@ -836,3 +1204,37 @@ def test_user_class_teacher_loads_with_the_model(tmp_path) -> None:
     assert isinstance(distiller(loaded).teacher, WrappedTeacher)
     for k, v in gm.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_compiled_distilled_llama_trains() -> None:
+    """torch.compile(fullgraph=True) of the distilled tiny Llama (lifted teacher inside)."""
+    student, inputs = llama_lm(0, layers=2)
+    teacher, _ = llama_lm(1, layers=3)
+    gm = rw.rewrite(student, [Distill.with_teacher(teacher)], inputs)
+    notes = rw.report(gm).passes[0].notes
+    assert any("Hugging Face model, exported and lifted" in n for n in notes)
+    assert isinstance(distiller(gm).teacher, fx.GraphModule)
+    compiled = torch.compile(gm, fullgraph=True)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 100, (4, 8), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    y = lm_labels(batch)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=3e-3)
+    gm.train()
+    seen = []
+    for _ in range(5):
+        out = compiled(**batch)
+        loss = F.cross_entropy(out["logits"].flatten(0, 1), y.flatten()) + rw.aux_losses(
+            gm, targets=y
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen.append(loss.item())
+    assert all(math.isfinite(v) for v in seen) and seen[-1] < seen[0], seen
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(**inputs)["logits"], strip(gm)(**inputs)["logits"], rtol=1e-4, atol=1e-4
+        )

@@ -83,22 +83,23 @@ IE-DML (two students, each the other's teacher) is :class:`MutualIE` in
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from rewriter.context import RewriteContext
 from rewriter.errors import OptionError, RewriterError
+from rewriter.frontends import is_hf_model
 from rewriter.modules import RewriterModule
 from rewriter.registry import (
     Pass,
     Range,
     anything,
     choices,
+    integer,
     make_pass,
     nonnegative,
     option,
@@ -175,9 +176,16 @@ class Distiller(RewriterModule):
         teacher_channels: int = 0,
         student_channels: int = 0,
         latent_ratio: float = 0.5,
+        class_dim: int = 1,
+        ignore_index: int = losses.IGNORE_INDEX,
+        logits_key: str = "logits",
     ) -> None:
         super().__init__()
+        losses.check_class_dim(class_dim)
         self.method = method
+        self.class_dim = class_dim
+        self.ignore_index = ignore_index
+        self.logits_key = logits_key
         self.alpha = alpha
         self.temperature = temperature
         self.multiplier = multiplier
@@ -228,7 +236,7 @@ class Distiller(RewriterModule):
                     code = self.autoencoder.encoder(teacher_feature)
                 self.last_teacher_code = code
                 self.last_codes = self._student_codes(taps[0], code)
-            self.last_teacher_logits = _first(out)
+            self.last_teacher_logits = _first(out, self.logits_key)
         self.last_logits = logits
         return logits
 
@@ -253,12 +261,19 @@ class Distiller(RewriterModule):
                 f"distill ({self.method}) needs the labels: rewriter.aux_losses(gm, targets=y)"
             )
         a, m = self.alpha, self.multiplier
-        if self.method == "tf_reg":
-            soft = losses.tf_reg_term(logits, targets, self.temperature, self.reduction)
-        else:
-            teacher = self._last("last_teacher_logits")
-            soft = losses.kd_term(logits, teacher, self.temperature, self.reduction)
-        return a * m * soft - a * F.cross_entropy(logits, targets)
+        dims = {"class_dim": self.class_dim, "ignore_index": self.ignore_index}
+        try:
+            if self.method == "tf_reg":
+                soft = losses.tf_reg_term(logits, targets, self.temperature, self.reduction, **dims)
+            else:
+                teacher = self._last("last_teacher_logits")
+                soft = losses.kd_term(
+                    logits, teacher, self.temperature, self.reduction, targets=targets, **dims
+                )
+            ce = losses.cross_entropy(logits, targets, **dims)
+        except ValueError as exc:  # labels that do not fit the logits
+            raise RewriterError(f"distill ({self.method}): {exc}") from exc
+        return a * m * soft - a * ce
 
     def _feature_loss(self) -> Tensor:
         if not torch.compiler.is_compiling() and not bool(self.autoencoder_trained):
@@ -293,7 +308,8 @@ class Distiller(RewriterModule):
     def extra_repr(self) -> str:
         return (
             f"method={self.method!r}, alpha={self.alpha}, temperature={self.temperature}, "
-            f"multiplier={self.multiplier}, reduction={self.reduction!r}"
+            f"multiplier={self.multiplier}, reduction={self.reduction!r}, "
+            f"class_dim={self.class_dim}"
         )
 
 
@@ -359,6 +375,23 @@ class Distill(Pass):
         "IE-KD / feature: code channels = round(ratio * teacher channels)",
         Range(0, 4, low_open=True),
     )
+    logits_key: str = option(
+        "logits",
+        "the logits' key when the model returns a dict (Hugging Face ModelOutput); "
+        "a tuple output's logits are its first element",
+        anything(),
+    )
+    class_dim: int | None = option(
+        None,
+        "the logits' class dim: 1 for (N, C, ...), -1 for (B, S, V) language-model logits; "
+        "empty: -1 for a dict output (unless its logits are 4-D or more), else 1",
+        choices(1, -1),
+    )
+    ignore_index: int = option(
+        -100,
+        "labels of positions that do not count (class_dim=-1; the CE ignores them always)",
+        integer(),
+    )
 
     def __post_init__(self) -> None:
         if self.method not in DEFAULTS:
@@ -375,6 +408,8 @@ class Distill(Pass):
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 < self.latent_ratio <= 4.0:
             raise ValueError(f"latent_ratio must be in (0, 4], got {self.latent_ratio}")
+        if self.class_dim is not None and self.class_dim not in (1, -1):
+            raise ValueError(f"class_dim must be 1 or -1, got {self.class_dim!r}")
         if self.reduction not in ("batchmean", "mean"):
             raise ValueError(f"reduction must be 'batchmean' or 'mean', got {self.reduction!r}")
         if self.method == "tf_reg" and self.teacher:
@@ -416,8 +451,18 @@ class Distill(Pass):
         nodes = list(gm.graph.nodes)
         inputs = [n for n in nodes if n.op == "placeholder"]
         output = next(n for n in nodes if n.op == "output")
-        logits = _logits_node(output)
+        logits = _logits_node(output, self.logits_key)
+        class_dim = self._class_dim(output.args[0], logits)
+        if self.method in FEATURE_METHODS and class_dim == -1:
+            raise RewriterError(
+                f"distill ({self.method}) taps a 4-D conv feature map (N, C, H, W) and has no "
+                "form for classes-last logits (class_dim=-1, e.g. language-model logits "
+                "(B, S, V)); use method='hinton', 'tf_self' or 'tf_reg' there"
+            )
         dummy = _dummy_inputs(inputs)
+        if teacher is not None and is_hf_model(teacher):
+            teacher = _lift_teacher(teacher, inputs, dummy)
+            ctx.note("teacher: a Hugging Face model, exported and lifted like the student")
         taps: tuple[fx.Node, ...] = ()
         sizes: dict[str, Any] = {}
         if self.method in FEATURE_METHODS:
@@ -439,7 +484,7 @@ class Distill(Pass):
                 f"{tuple(teacher_tap_shape)}"
             )
         elif teacher is not None and dummy is not None:
-            _check_teacher_output(teacher, dummy, logits)
+            _check_teacher_output(teacher, dummy, logits, self.logits_key)
         module = Distiller(
             self.method,
             teacher,
@@ -450,14 +495,33 @@ class Distill(Pass):
             inherit_weight=self.inherit_weight,
             explore_weight=self.explore_weight,
             exploration=self.exploration,
+            class_dim=class_dim,
+            ignore_index=self.ignore_index,
+            logits_key=self.logits_key,
             **sizes,
         )
         name = ctx.add_module(logits, "distill", module)
         with gm.graph.inserting_before(output):
             node = ctx.call_module(name, (tuple(inputs), logits, taps))
         out = output.args[0]
-        output.args = (node if out is logits else type(out)([node, *out[1:]]),)
+        if out is logits:
+            new_out: Any = node
+        elif isinstance(out, Mapping):  # same keys, same order; only the logits go through
+            new_out = {k: node if k == self.logits_key else v for k, v in out.items()}
+        else:
+            new_out = type(out)([node, *out[1:]])
+        output.args = (new_out,)
+        if isinstance(out, Mapping):
+            ctx.note(f"logits: output key {self.logits_key!r}, class dim {class_dim}")
         ctx.matches["distill"] += 1
+
+    def _class_dim(self, out: Any, logits: fx.Node) -> int:
+        if self.class_dim is not None:
+            return self.class_dim
+        if not isinstance(out, Mapping):
+            return 1
+        shape = getattr(logits.meta.get("tensor_meta"), "shape", None)
+        return 1 if shape is not None and len(shape) >= 4 else -1
 
     def _teacher(self) -> nn.Module | None:
         module = getattr(self, "_teacher_module", None)
@@ -517,21 +581,77 @@ def load_teacher(spec: str, weights: str = "") -> nn.Module:
 # -- helpers on the graph ------------------------------------------------------------------
 
 
-def _logits_node(output: fx.Node) -> fx.Node:
+def _logits_node(output: fx.Node, key: str = "logits") -> fx.Node:
     out = output.args[0]
     if isinstance(out, fx.Node):
         return out
+    if isinstance(out, Mapping):
+        if key not in out:
+            raise RewriterError(
+                f"distill reads the logits at key {key!r} of the model's dict output; it has "
+                f"the keys {list(out)}: set logits_key to one of them"
+            )
+        node = out[key]
+        if not isinstance(node, fx.Node):
+            raise RewriterError(f"the model's output {key!r} is not a tensor ({node!r})")
+        return node
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], fx.Node):
         return out[0]
     raise RewriterError(
-        "distill needs a model that returns its logits (a tensor, or a tuple whose first "
-        f"element is the logits); this one returns {type(out).__name__}"
+        "distill needs a model that returns its logits (a tensor, a tuple whose first "
+        f"element is the logits, or a dict with them at logits_key); this one returns "
+        f"{type(out).__name__}"
     )
 
 
-def _first(out: Any) -> Any:
-    """A model's logits: its output, or the first element of a tuple output."""
+def _first(out: Any, key: str = "logits") -> Any:
+    """A model's logits: its output, its dict output's ``key``, or a tuple's first element."""
+    if isinstance(out, Mapping):  # dict or Hugging Face ModelOutput
+        if key not in out:
+            raise RewriterError(
+                f"the teacher's dict output has no {key!r} (keys: {list(out)}); the teacher "
+                "must return its logits under the student's logits_key"
+            )
+        return out[key]
     return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def _lift_teacher(
+    teacher: nn.Module, inputs: Sequence[fx.Node], dummy: tuple[Tensor, ...] | None
+) -> nn.Module:
+    """A Hugging Face teacher exported and lifted with the student's inputs as keywords.
+
+    The distiller calls the teacher with the student graph's positional inputs; a Hugging
+    Face ``forward`` takes keywords in its own order, so the teacher is exported with the
+    student's placeholder names as keywords (``input_ids``, ``attention_mask``...), which
+    fixes its input order to the student's. Token inputs are filled with ones. The export
+    is dynamic (batch, sequence length) unless the student's own export was static (its
+    placeholders' recorded shapes hold no symbolic sizes).
+    """
+    from rewriter.frontends import export_graph
+
+    if dummy is None:
+        raise RewriterError(
+            "distill needs example inputs to export a Hugging Face teacher: give "
+            "example_inputs to rewrite()"
+        )
+    names = [n.name for n in inputs]
+    example = {
+        name: x if x.is_floating_point() else torch.ones_like(x)
+        for name, x in zip(names, dummy, strict=True)
+    }
+    vals = [n.meta.get("val") for n in inputs]
+    static = all(
+        v is not None and not any(isinstance(d, torch.SymInt) for d in getattr(v, "shape", ()))
+        for v in vals
+    )
+    lifted, _ = export_graph(teacher, (), example, dynamic=not static)
+    got = [n.name for n in lifted.graph.nodes if n.op == "placeholder"]
+    if got != names:
+        raise RewriterError(
+            f"the lifted teacher takes the inputs {got}, the student {names}; they must match"
+        )
+    return lifted
 
 
 def _dummy_inputs(inputs: Sequence[fx.Node]) -> tuple[Tensor, ...] | None:
@@ -541,13 +661,15 @@ def _dummy_inputs(inputs: Sequence[fx.Node]) -> tuple[Tensor, ...] | None:
     return tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
 
 
-def _check_teacher_output(teacher: nn.Module, inputs: tuple[Tensor, ...], logits: fx.Node) -> None:
+def _check_teacher_output(
+    teacher: nn.Module, inputs: tuple[Tensor, ...], logits: fx.Node, key: str = "logits"
+) -> None:
     meta = logits.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
         return
     teacher.eval()
     with torch.no_grad():
-        out = _first(teacher(*inputs))
+        out = _first(teacher(*inputs), key)
     if not isinstance(out, Tensor) or out.shape != meta.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise RewriterError(
