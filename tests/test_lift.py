@@ -5,18 +5,29 @@ from __future__ import annotations
 import copy
 import io as bytes_io
 import json
+import math
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import rewriter
 from rewriter import zoo
 from rewriter.errors import ArtifactError
-from rewriter.lift import LiftError, example_inputs, lift, lift_report, load_pt2, overlapping
+from rewriter.lift import (
+    LiftError,
+    example_inputs,
+    lift,
+    lift_report,
+    load_pt2,
+    materialise_state,
+    overlapping,
+)
 
 # The default run lifts one model of each family; the slow run lifts the whole zoo.
 SLOW_EXPORTS = {"resnet20", "mobilenetv2", "bottleneck_resnet", "multitask_resnet"}
@@ -414,6 +425,43 @@ def test_overlapping_detects_elements_that_share_memory(make, expected: bool) ->
     size = t.untyped_storage().nbytes() // t.element_size()
     offsets = torch.arange(size).as_strided(t.shape, t.stride(), t.storage_offset())
     assert (offsets.unique().numel() < offsets.numel()) is expected  # the ground truth
+
+
+@st.composite
+def strided_views(draw) -> tuple[Tensor, bool | None]:
+    """A view of a small storage that holds its own offsets, and whether its elements share
+    memory when that is known by construction (else ``None``): either random sizes,
+    strides (0 included) and offset, or a contiguous tensor sliced with a step, permuted
+    and possibly expanded along a new leading dim."""
+    shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3))
+    if draw(st.booleans()):
+        strides = draw(st.lists(st.integers(0, 12), min_size=len(shape), max_size=len(shape)))
+        offset = draw(st.integers(0, 3))
+        span = offset + sum(s * (n - 1) for s, n in zip(strides, shape, strict=True) if n > 0)
+        return torch.arange(float(span + 1)).as_strided(shape, strides, offset), None
+    t = torch.arange(float(math.prod(shape))).view(shape)
+    if shape:
+        t = t[:: draw(st.integers(1, 3))]
+    t = t.permute(draw(st.permutations(range(len(shape)))))
+    copies = draw(st.integers(1, 3))
+    t = t.unsqueeze(0).expand(copies, *t.shape)
+    return t, copies > 1 and t.numel() > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(strided_views())
+def test_overlapping_never_misses_shared_memory_and_materialising_fixes_it(view) -> None:
+    t, known = view
+    offsets = t.long()
+    shared = offsets.unique().numel() < offsets.numel()
+    assert known is None or known == shared
+    assert overlapping(t) or not shared  # sound: a shared element is always found
+    if known is not None:
+        assert overlapping(t) == shared  # exact on sliced, permuted, expanded tensors
+    holder = nn.Module()
+    holder.register_buffer("b", t)
+    assert materialise_state(holder) == (["b"] if overlapping(t) else [])
+    assert not overlapping(holder.b) and torch.equal(holder.b, t)
 
 
 class SlicedBuffer(nn.Module):
