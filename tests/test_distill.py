@@ -1208,23 +1208,28 @@ def test_user_class_teacher_loads_with_the_model(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_compiled_distilled_llama_trains() -> None:
-    """torch.compile(fullgraph=True) of the distilled tiny Llama (lifted teacher inside)."""
+    """torch.compile(fullgraph=True) of the distilled tiny Llama, the Hugging Face teacher
+    lifted by the pass; one batch shape and train mode only, so it compiles once."""
     student, inputs = llama_lm(0, layers=2)
     teacher, _ = llama_lm(1, layers=3)
     gm = rw.rewrite(student, [Distill.with_teacher(teacher)], inputs)
     notes = rw.report(gm).passes[0].notes
     assert any("Hugging Face model, exported and lifted" in n for n in notes)
     assert isinstance(distiller(gm).teacher, fx.GraphModule)
-    compiled = torch.compile(gm, fullgraph=True)
     g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 100, (4, 8), generator=g)
+    ids = torch.randint(0, 100, (4, 8), generator=g)  # another batch size: the export is dynamic
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     y = lm_labels(batch)
-    optimizer = torch.optim.Adam(gm.parameters(), lr=3e-3)
     gm.train()
+    with torch.no_grad():
+        eager = gm(**batch)["logits"]  # the Llama has no dropout: train mode is deterministic
+    compiled = torch.compile(gm, fullgraph=True)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=3e-3)
     seen = []
-    for _ in range(5):
+    for step in range(5):
         out = compiled(**batch)
+        if step == 0:
+            torch.testing.assert_close(out["logits"], eager, rtol=1e-4, atol=1e-4)
         loss = F.cross_entropy(out["logits"].flatten(0, 1), y.flatten()) + rw.aux_losses(
             gm, targets=y
         )
@@ -1233,8 +1238,4 @@ def test_compiled_distilled_llama_trains() -> None:
         optimizer.step()
         seen.append(loss.item())
     assert all(math.isfinite(v) for v in seen) and seen[-1] < seen[0], seen
-    gm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            compiled(**inputs)["logits"], strip(gm)(**inputs)["logits"], rtol=1e-4, atol=1e-4
-        )
+    assert list(out) == ["logits"]

@@ -605,21 +605,6 @@ def layer_counts(name: str, model: nn.Module) -> dict[str, int]:
     }
 
 
-def logits_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of a lifted HF base model whose output is its hidden states as per-token
-    logits ``(B * S, hidden)``: ``distill`` needs a logits tensor (the base models return a
-    dict of hidden states), with the classes at dim 1."""
-    net = copy.deepcopy(gm)
-    output = next(n for n in net.graph.nodes if n.op == "output")
-    hidden = output.args[0]["last_hidden_state"]
-    with net.graph.inserting_before(output):
-        flat = net.graph.call_function(torch.flatten, (hidden, 0, 1))
-    output.args = (flat,)
-    net.graph.eliminate_dead_code()
-    net.recompile()
-    return net
-
-
 def hidden_of(out) -> torch.Tensor:
     return out["last_hidden_state"] if isinstance(out, dict) else out
 
@@ -652,7 +637,9 @@ def seed_passes(name: str, model: nn.Module, gm, inputs) -> dict[str, tuple]:
         "split_kels": (("split", {"mode": "kels"}), n["masked"], gm),
         "saliency_gates": ("saliency_gates", n["mlps"], gm),
         "skip_gates": ("skip_gates", n["blocks"], gm),
-        "distill": (Distill.with_teacher(logits_graph(gm)), 1, logits_graph(gm)),
+        # plain distill on the HF dict output: the hidden states read as per-token logits
+        # (B, S, hidden), classes last (class_dim -1, the default for a dict output)
+        "distill": (Distill.with_teacher(gm, logits_key="last_hidden_state"), 1, gm),
     }
 
 
@@ -695,7 +682,7 @@ def test_every_seed_pass_on_transformer_blocks(lifted, name: str, pass_id: str) 
     if isinstance(out, dict) and "pooler_output" in out:  # BERT's pooler trains too
         loss = loss + out["pooler_output"].pow(2).mean()
     if any(callable(getattr(m, "aux_loss", None)) for m in net.modules()):
-        extra = {"targets": target} if pass_id == "distill" else {}
+        extra = {"targets": target.view(hidden_of(out).shape[:-1])} if pass_id == "distill" else {}
         loss = loss + rw.aux_losses(net, **extra)
     loss.backward()
     assert torch.isfinite(loss)

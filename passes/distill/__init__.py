@@ -46,6 +46,18 @@ task loss, subtract nothing yourself and know that ``a * CE`` is taken off it. T
 methods do not touch the CE. KL reductions: ``batchmean`` is the KL summed over classes
 (and positions) divided by the batch size; ``mean`` divides by every element.
 
+Dict outputs and language models (``docs/methods/distill.md``, "Language models and dict
+outputs"): a dict output's logits are read at ``logits_key`` (``"logits"``; a missing key is
+an error listing the keys) and only that value goes through the distiller, so the graph
+returns the same dict. ``class_dim`` (1 or -1; unset: -1 for a dict output unless its
+logits are known to be 4-D or more, else 1) says where the classes are; with -1
+(``(B, S, V)`` LM logits) the KL and the subtracted CE are averaged over the tokens and the
+batch whose label is not ``ignore_index`` (-100), labels ``(B, S)`` (or flattened). Tf-KD
+reg builds its virtual teacher per token; ``ie`` and ``feature`` are refused for
+``class_dim=-1`` (they tap 4-D conv maps). A Hugging Face teacher module is exported and
+lifted like the student (:func:`_lift_teacher`), with the student's input names as
+keywords.
+
 The teacher (given from Python with :meth:`Distill.with_teacher`, or as the ``teacher``
 option: ``zoo:NAME`` (plus ``teacher_weights``, a safetensors or state-dict file), the path
 of a rewriter artifact or a ``.pt2`` program) is deep-copied into the distiller and
