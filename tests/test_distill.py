@@ -854,6 +854,47 @@ def test_property_token_hinton_is_the_per_token_formula(shape, seed, a, T) -> No
     torch.testing.assert_close(loss, (1 - a) * ce + a * T * T * kl, rtol=1e-4, atol=1e-5)
 
 
+class AsDict(nn.Module):
+    """A random model's logits (its first output) in a dict, next to another value."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = self.model(x)
+        return {"features": x.mean(1), "logits": out[0] if isinstance(out, tuple) else out}
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rm=random_models())
+def test_property_dict_output_on_random_graphs(rm) -> None:
+    """Random graphs returning a dict: distill fires once, outputs (the whole dict) are kept,
+    and CE + aux is Hinton's formula over the samples whose label is not -100."""
+    student = AsDict(rm.model)
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.5)
+    result = check_pass(Distill.with_teacher(teacher), (student, rm.example_inputs))
+    assert result.fired == 1
+    gm = result.gm.eval()
+    x = rm.example_inputs[0]
+    with torch.no_grad():
+        out, ref, t = gm(x), student.eval()(x), teacher.eval()(x)["logits"]
+    assert list(out) == ["features", "logits"] and all(torch.equal(out[k], ref[k]) for k in ref)
+    s = out["logits"]
+    assert s.dim() == 2 and distiller(gm).class_dim == -1  # a dict: classes last (2-D: the same)
+    y = torch.arange(s.shape[0]) % s.shape[1]
+    y[0] = -100
+    total_loss = F.cross_entropy(s, y) + rw.aux_losses(gm, targets=y)
+    keep = y != -100
+    q, log_s = F.softmax(t[keep] / 4, dim=1), F.log_softmax(s[keep] / 4, dim=1)
+    kl = (torch.special.xlogy(q, q) - q * log_s).sum(1).mean()
+    expected = 0.1 * F.cross_entropy(s[keep], y[keep]) + 0.9 * 16 * kl
+    torch.testing.assert_close(total_loss, expected, rtol=1e-4, atol=1e-5)
+
+
 class DictLogits(nn.Module):
     """``{"logits": fc(x), "extra": x.sum(-1)}`` with ``fc`` the identity."""
 
