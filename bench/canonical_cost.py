@@ -9,7 +9,8 @@ Run from the repository root (one torch thread)::
 "old" is the code before wave 2 (commit ``a586f0a``: no ``rewriter.canonical``, no
 ``rewriter.frontends``, the channel-by-channel analysis), checked out with ``git worktree
 add`` (default ``/tmp/base_a586f0a``; created when missing, the main checkout is not
-touched). "new" is this working tree, or a worktree of a commit (``--new HEAD``). Both
+touched). "new" is this working tree, a worktree of a commit (``--new HEAD``, at
+``/tmp/bench_new_<sha>``) or any tree (``--new-tree PATH``). Both
 trees install their package as ``rewriter``, so each is imported in its own subprocess:
 the worker puts an import hook first on ``sys.meta_path`` that maps ``rewriter``,
 ``rewriter.passes`` and ``rewriter.cli`` to ``<tree>/rewriter``, ``<tree>/passes`` and
@@ -34,9 +35,10 @@ pipes). Every measurement is timed in pairs, old and new one call after the othe
 order alternating pair by pair (ABBA), so drift on a shared machine hits both alike:
 process CPU time after ``gc.collect()``, one warm-up call first; the table shows the
 minimum of each side's repeats and the ratio new / old, and flags ratios above ``LIMIT``
-(1.2, the issue's 20%). Because two busy cores disturb even CPU times, the number of
-function calls of one run of each measurement (cProfile's count, which does not depend on
-the load) is shown as well. ``--profile CASE/MEASUREMENT`` prints a cProfile of one
+(1.2, the issue's 20%); a ratio above it is first measured again with three times the
+pairs. The median of the pairs' own ratios is shown too. Because two busy cores disturb
+even CPU times, the number of function calls of one run of each measurement (cProfile's
+count, which does not depend on the load) is shown as well. ``--profile CASE/MEASUREMENT`` prints a cProfile of one
 measurement in the new tree (``--profile-old``: the old one) instead.
 """
 
