@@ -24,7 +24,7 @@ import rewriter as rw
 from rewriter.analysis import channel_groups, residual_blocks
 from rewriter.canonical import HeadAttention, canonical_report
 from rewriter.lift import lift, load_pt2
-from rewriter.testing import random_models
+from rewriter.testing import random_models, train_losses
 from rewriter.testing.strategies import BatchNormAct2d
 
 NAMES = [i.name for i in idioms.IDIOMS]
@@ -342,15 +342,7 @@ def test_slim_multihead_attention_vit_compiles_and_trains() -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
     net.train()
-    target = torch.arange(x.shape[0]) % 5
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = F.cross_entropy(compiled(x), target)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = train_losses(compiled, net, x, torch.arange(x.shape[0]) % 5)
     assert losses[-1] < losses[0], losses
 
 
@@ -671,15 +663,7 @@ def test_canonical_idiom_graphs_compile_and_train() -> None:
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
         net.train()
-        target = torch.arange(x.shape[0]) % 5
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-        losses = []
-        for _ in range(3):
-            optimizer.zero_grad()
-            loss = F.cross_entropy(compiled(x), target)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss))
+        losses = train_losses(compiled, net, x, torch.arange(x.shape[0]) % 5)
         assert losses[-1] < losses[0], losses
 
 
@@ -706,15 +690,7 @@ def test_lifted_attention_compiles_and_trains() -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
     net.train()
-    target = torch.arange(x.shape[0]) % 5
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = F.cross_entropy(compiled(x), target)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    losses = train_losses(compiled, net, x, torch.arange(x.shape[0]) % 5)
     assert losses[-1] < losses[0], losses
 
 

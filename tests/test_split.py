@@ -39,7 +39,7 @@ from rewriter.passes.split import (
     split_layers,
     use_hypothesis,
 )
-from rewriter.testing import check_pass, random_models
+from rewriter.testing import check_pass, random_models, train_losses
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LAYERS = ["stem", "block.conv1", "block.conv2", "block.downsample.0", "fc"]
@@ -740,15 +740,8 @@ def test_compiles_fullgraph_trains_and_switches_without_recompiling() -> None:
     gm = split()
     gm.train()
     compiled = torch.compile(gm, fullgraph=True)
-    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = F.cross_entropy(compiled(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(compiled, gm, x, y, lr=0.1)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     gm.eval()
     torch.testing.assert_close(compiled(x), gm(x), rtol=1e-4, atol=1e-5)

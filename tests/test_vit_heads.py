@@ -27,6 +27,7 @@ from rewriter.canonical import canonical_report
 from rewriter.packed_attention import LABEL
 from rewriter.passes.masks import get_masks
 from rewriter.passes.split import get_fit_masks
+from rewriter.testing import train_losses
 
 HEADS, HEAD_DIM, TOKENS, DEPTH = 4, 8, 64, 2
 
@@ -558,12 +559,5 @@ def test_slim_vit_trains_under_compile_fullgraph() -> None:
     assert small.get_submodule("blocks.0.attn.qkv").out_features == 48
     compiled = torch.compile(small, fullgraph=True)
     assert torch.allclose(compiled(x), small(x), atol=1e-5)
-    opt = torch.optim.SGD(small.parameters(), lr=0.05)
-    losses = []
-    for _ in range(4):
-        loss = F.cross_entropy(compiled(x), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(compiled, small, x, targets, steps=4)
     assert losses[-1] < losses[0], losses

@@ -7,7 +7,7 @@ pass keeps against one of them. Both work with any pass, a user's own included.
 """
 
 from .strategies import RandomModel, random_model, random_models
-from .suite import SuiteResult, check_compiles, check_pass
+from .suite import SuiteResult, check_compiles, check_pass, train_losses
 
 __all__ = [
     "RandomModel",
@@ -16,4 +16,5 @@ __all__ = [
     "check_pass",
     "random_model",
     "random_models",
+    "train_losses",
 ]

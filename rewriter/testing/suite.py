@@ -16,10 +16,12 @@ gives the eager outputs. Use it with :func:`rewriter.testing.random_models`::
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
@@ -143,3 +145,29 @@ def check_compiles(
     grads = [p.grad for p in work.parameters() if p.requires_grad]
     assert any(g is not None for g in grads), "no parameter received a gradient"
     assert all(torch.isfinite(g).all() for g in grads if g is not None), "non-finite gradient"
+
+
+def train_losses(
+    step: Callable[[torch.Tensor], torch.Tensor] | nn.Module,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int = 3,
+    lr: float = 0.05,
+) -> list[float]:
+    """Cross-entropy losses of ``steps`` SGD steps of ``model`` on one fixed batch.
+
+    ``step`` computes the logits (``model`` itself, or ``torch.compile(model)``); ``model``
+    holds the parameters the optimizer updates. A rewritten model that still trains gives
+    a last loss below the first: ``losses[-1] < losses[0]``.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(step(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
