@@ -78,6 +78,17 @@ def _blocks(gm: fx.GraphModule) -> list[tuple[str, str, int]]:
     return sorted(out)
 
 
+def _compiles_and_trains(net: nn.Module, x: Tensor, backend: str, rtol: float, atol: float) -> None:
+    """``torch.compile(net, fullgraph=True)`` gives ``net``'s outputs in its current mode, and
+    three SGD steps in training mode on one batch lower the loss."""
+    compiled = torch.compile(net, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=rtol, atol=atol)
+    net.train()
+    losses = train_losses(compiled, net, x, torch.arange(x.shape[0]) % 5)
+    assert losses[-1] < losses[0], losses
+
+
 # -- canonical form ---------------------------------------------------------------------------
 
 
@@ -338,12 +349,7 @@ def test_slim_multihead_attention_vit_compiles_and_trains() -> None:
     model, x = idioms.MHAViT().eval(), idioms.vit_inputs(8)
     gm = rw.trace(model)
     _, net = _masked_and_slim(gm, x, {0: [0, 1], 1: [2, 3]})
-    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
-    net.train()
-    losses = train_losses(compiled, net, x, torch.arange(x.shape[0]) % 5)
-    assert losses[-1] < losses[0], losses
+    _compiles_and_trains(net, x, backend="aot_eager", rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -658,13 +664,7 @@ def test_canonical_idiom_graphs_compile_and_train() -> None:
     torch._dynamo.reset()
     for model, x in [(idioms.make("fused_norm_act"), idioms.inputs(8))]:
         net = rw.rewrite(model, ["masks"], x)
-        compiled = torch.compile(net, fullgraph=True)
-        net.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
-        net.train()
-        losses = train_losses(compiled, net, x, torch.arange(x.shape[0]) % 5)
-        assert losses[-1] < losses[0], losses
+        _compiles_and_trains(net.eval(), x, backend="inductor", rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -686,12 +686,7 @@ def test_lifted_attention_compiles_and_trains() -> None:
     gm = lift(torch.export.export(model, (x,)))
     assert [gm.get_submodule(f"blocks.{i}.attn.attention").need_weights for i in (0, 1)] == [False, True]
     net = rw.rewrite(gm, ["masks"], x)
-    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
-    net.train()
-    losses = train_losses(compiled, net, x, torch.arange(x.shape[0]) % 5)
-    assert losses[-1] < losses[0], losses
+    _compiles_and_trains(net, x, backend="aot_eager", rtol=1e-5, atol=1e-6)
 
 
 # -- deep nets: the numeric check and SynFlow ---------------------------------------------------
